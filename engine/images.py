@@ -1,0 +1,196 @@
+"""Files -> RGB uint8 pixels: decoding, orientation, odd modes, and a prefetching thread pool.
+
+Every decode either returns an array of the policy's shape or raises `ImageError` with a reason a
+person can read; callers log and skip, so one bad file never ends a run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from engine.preprocess import Preprocessing
+
+# Larger images are refused (decompression-bomb guard); 20000 x 20000 = 400M is over it.
+MAX_PIXELS = 150_000_000
+
+IMAGE_EXTENSIONS = frozenset(
+  ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .ico .tga"
+  " .j2k .jp2 .heic .avif .svg".split()
+)
+
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+class ImageError(Exception):
+  """A file that could not be turned into pixels; str() is the reason."""
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+  try:
+    img = Image.open(path)
+  except UnidentifiedImageError as e:
+    raise ImageError("not a recognised image format") from e
+  except FileNotFoundError as e:
+    raise ImageError("file not found") from e
+  except PermissionError as e:
+    raise ImageError("permission denied") from e
+  except IsADirectoryError as e:
+    raise ImageError("is a directory") from e
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ImageError(f"cannot open: {e}") from e
+  w, h = img.size
+  if w < 1 or h < 1:
+    img.close()
+    raise ImageError(f"empty image ({w}x{h})")
+  if w * h > MAX_PIXELS:
+    img.close()
+    raise ImageError(f"image too large ({w}x{h} pixels, limit {MAX_PIXELS})")
+  return img
+
+
+def sniff(path: str | os.PathLike) -> bool:
+  """True when the file's content is an image Pillow can decode (reads the header only)."""
+  try:
+    with Image.open(path):
+      return True
+  except Exception:  # noqa: BLE001 - any failure means "not an image we can read"
+    return False
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+  """Any Pillow mode -> RGB; transparency is composited over white."""
+  if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    if img.mode == "F":
+      lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+      arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+    else:
+      arr = arr * (255.0 / top)
+    img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+  if img.mode == "P" and "transparency" in img.info:
+    img = img.convert("RGBA")
+  if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    img = Image.alpha_composite(background, rgba)
+  return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _resize(img: Image.Image, pre: Preprocessing) -> Image.Image:
+  w, h = img.size
+  if pre.resize == "center_crop":
+    short = round(pre.size * 256 / 224)
+    scale = short / min(w, h)
+    nw, nh = max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - pre.size) // 2, (nh - pre.size) // 2
+    return img.crop((left, top, left + pre.size, top + pre.size))
+  out_h, out_w = pre.output_shape(w, h)
+  return img.resize((out_w, out_h), Image.BILINEAR)
+
+
+def _draft_size(img: Image.Image, pre: Preprocessing) -> tuple[int, int]:
+  """Smallest decode size (in file orientation) that still covers the policy's output."""
+  w, h = img.size
+  try:
+    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+  except Exception:  # noqa: BLE001 - broken EXIF: decode as stored
+    orientation = 1
+  if orientation in _SWAPS_AXES:
+    w, h = h, w
+  if pre.resize == "center_crop":
+    short = round(pre.size * 256 / 224)
+    scale = short / min(w, h)
+    need_w, need_h = w * scale, h * scale
+  else:
+    need_h, need_w = pre.output_shape(w, h)
+  if orientation in _SWAPS_AXES:
+    need_w, need_h = need_h, need_w
+  return int(need_w), int(need_h)
+
+
+def load(path: str | os.PathLike, pre: Preprocessing) -> np.ndarray:
+  """Decodes one file into `[H, W, 3]` uint8 RGB of the policy's shape.
+
+  JPEGs decode at a reduced scale when the output is much smaller (draft mode); EXIF orientation
+  is applied; animated images give their first frame.
+
+  Raises:
+    ImageError: unreadable, undecodable, truncated, too large or empty.
+  """
+  img = _open(path)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      if img.format == "JPEG":
+        img.draft("RGB", _draft_size(img, pre))
+      img.load()
+      img = ImageOps.exif_transpose(img)
+      img = _resize(_to_rgb(img), pre)
+      arr = np.asarray(img, dtype=np.uint8)
+  except ImageError:
+    raise
+  except Image.DecompressionBombWarning as e:
+    raise ImageError(f"image too large: {e}") from e
+  except (
+    OSError,
+    ValueError,
+    SyntaxError,
+    MemoryError,
+    EOFError,
+    Image.DecompressionBombError,
+  ) as e:
+    raise ImageError(f"cannot decode: {e}") from e
+  finally:
+    img.close()
+  if arr.ndim != 3 or arr.shape[2] != 3:
+    raise ImageError(f"unexpected decoded shape {arr.shape}")
+  return arr
+
+
+def load_many(
+  paths: Iterable[str | os.PathLike],
+  pre: Preprocessing,
+  *,
+  workers: int | None = None,
+  prefetch: int = 64,
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+  """Decodes files in a thread pool, yielding `(position, pixels or None, error or None)` in order.
+
+  At most `prefetch` decodes are in flight, so memory stays bounded on endless inputs while the
+  consumer (the device) works on earlier images.
+  """
+  workers = workers or min(8, (os.cpu_count() or 2))
+
+  def job(path):
+    try:
+      return load(path, pre), None
+    except ImageError as e:
+      return None, str(e)
+
+  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+    pending = []
+    it = iter(enumerate(paths))
+    for pos, path in it:
+      pending.append((pos, pool.submit(job, path)))
+      if len(pending) >= prefetch:
+        break
+    while pending:
+      pos, fut = pending.pop(0)
+      nxt = next(it, None)
+      if nxt is not None:
+        pending.append((nxt[0], pool.submit(job, nxt[1])))
+      arr, err = fut.result()
+      yield pos, arr, err
+
+
+# Truncated files raise instead of decoding to grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
