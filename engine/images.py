@@ -117,6 +117,29 @@ def _draft_size(img: Image.Image, pre: Preprocessing) -> tuple[int, int]:
   return int(need_w), int(need_h)
 
 
+def prepare(img: Image.Image, pre: Preprocessing) -> np.ndarray:
+  """A Pillow image (any mode) -> `[H, W, 3]` uint8 RGB of the policy's shape."""
+  arr = np.asarray(_resize(_to_rgb(img), pre), dtype=np.uint8)
+  if arr.ndim != 3 or arr.shape[2] != 3:
+    raise ImageError(f"unexpected decoded shape {arr.shape}")
+  return arr
+
+
+def from_array(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
+  """`[H, W]` or `[H, W, 1|3|4]` uint8 pixels -> the policy's `[h, w, 3]` uint8 RGB."""
+  pixels = np.asarray(pixels)
+  if pixels.dtype != np.uint8:
+    raise ValueError(f"pixel arrays must be uint8 in [0, 255], got {pixels.dtype}")
+  if pixels.ndim == 3 and pixels.shape[2] == 1:
+    pixels = pixels[..., 0]
+  if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (3, 4)):
+    raise ValueError(f"pixel arrays must be [H, W], [H, W, 1|3|4], got {pixels.shape}")
+  h, w = pixels.shape[:2]
+  if (h, w) == pre.output_shape(w, h) and pixels.ndim == 3 and pixels.shape[2] == 3:
+    return pixels
+  return prepare(Image.fromarray(pixels), pre)
+
+
 def load(path: str | os.PathLike, pre: Preprocessing) -> np.ndarray:
   """Decodes one file into `[H, W, 3]` uint8 RGB of the policy's shape.
 
@@ -133,9 +156,7 @@ def load(path: str | os.PathLike, pre: Preprocessing) -> np.ndarray:
       if img.format == "JPEG":
         img.draft("RGB", _draft_size(img, pre))
       img.load()
-      img = ImageOps.exif_transpose(img)
-      img = _resize(_to_rgb(img), pre)
-      arr = np.asarray(img, dtype=np.uint8)
+      return prepare(ImageOps.exif_transpose(img), pre)
   except ImageError:
     raise
   except Image.DecompressionBombWarning as e:
@@ -151,9 +172,6 @@ def load(path: str | os.PathLike, pre: Preprocessing) -> np.ndarray:
     raise ImageError(f"cannot decode: {e}") from e
   finally:
     img.close()
-  if arr.ndim != 3 or arr.shape[2] != 3:
-    raise ImageError(f"unexpected decoded shape {arr.shape}")
-  return arr
 
 
 def load_many(

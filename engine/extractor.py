@@ -1,0 +1,279 @@
+"""Images -> descriptors: a jit-compiled, fixed-shape, batched extractor.
+
+The jitted function takes uint8 RGB pixels `[B, H, W, 3]` and does everything on the device:
+convention (BGR/mean or mean/std), the network up to the needed tap, pooling and L2 normalisation.
+Shapes are fixed per batch size and input bucket, so it compiles once per bucket; the last partial
+batch is padded and the padding rows dropped. Decoding runs in a thread pool ahead of the device,
+and the device runs one batch ahead of the host reading results back.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engine import checkpoint, descriptors, images
+from engine.descriptors import Descriptor, Whitening
+from engine.preprocess import Preprocessing, normalize
+
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+DEFAULT_MAX_SIDE = 320
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "convention", "descriptor"))
+def _extract(graphdef, state, pixels, *, convention, descriptor):
+  """`[B, H, W, 3]` uint8 -> `[B, D]` float32 descriptors."""
+  model = nnx.merge(graphdef, state)
+  taps = model(normalize(pixels, convention), taps=(descriptor.model_tap,))
+  return descriptors.describe(taps, descriptor)
+
+
+@dataclasses.dataclass
+class Extracted:
+  """Result of extracting a list of files.
+
+  Attributes:
+    features: `[M, D]` float32, one row per file that decoded, in input order.
+    positions: `[M]` index into the input list of each row.
+    errors: input index -> reason, for files that could not be decoded.
+  """
+
+  features: np.ndarray
+  positions: np.ndarray
+  errors: dict[int, str]
+
+
+class Extractor:
+  """Turns image files or pixel arrays into `[N, D]` float32 descriptors.
+
+  Args:
+    weights: a converted weights folder, `random` or `random:SEED` (random is NOT ImageNet).
+    descriptor: a Descriptor or its name (`fc2`, `fc1`, `pool5`, `mac`, `spoc`, `gem`, `rmac`).
+    resize: resize policy (`squash`, `center_crop`, `keep_aspect`). Default: squash for
+      fc1/fc2/pool5, keep_aspect for pooled conv descriptors.
+    image_size: input side, or the longer side for keep_aspect. Default: the model's input size
+      for fc1/fc2/pool5, DEFAULT_MAX_SIDE for pooled conv descriptors. The pixel convention always
+      comes from the weights.
+    batch_size: images per device call (fixed: the last batch is padded).
+    precision: `fp32` or `bf16` (bf16 compute with float32 accumulation).
+    config: model preset used with random weights (`vgg16`, `tiny`).
+    whitening: optional PCA whitening applied after the descriptor.
+    workers: decoding threads.
+  """
+
+  def __init__(
+    self,
+    weights: str = "random",
+    descriptor: Descriptor | str = "gem",
+    *,
+    resize: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    config: str = "vgg16",
+    whitening: Whitening | None = None,
+    workers: int | None = None,
+  ):
+    if isinstance(descriptor, str):
+      descriptor = Descriptor(descriptor)
+    if precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model, info = checkpoint.resolve(weights, config, PRECISIONS[precision])
+    cfg = model.config
+    if descriptor.model_tap not in cfg.tap_names:
+      raise ValueError(f"tap {descriptor.model_tap!r} is not in the model: {cfg.tap_names}")
+    fixed = descriptor.needs_fixed_size
+    preprocessing = Preprocessing(
+      info.convention,
+      resize or ("squash" if fixed else "keep_aspect"),
+      image_size or (cfg.image_size if fixed else DEFAULT_MAX_SIDE),
+    )
+    if fixed and (preprocessing.resize == "keep_aspect" or preprocessing.size != cfg.image_size):
+      raise ValueError(
+        f"descriptor {descriptor.name} needs {cfg.image_size}x{cfg.image_size} inputs: use "
+        f"resize squash or center_crop with size {cfg.image_size}"
+      )
+    if whitening is not None and whitening.in_dim != descriptor.dim(cfg):
+      raise ValueError(
+        f"whitening expects {whitening.in_dim}-d input, the descriptor is {descriptor.dim(cfg)}-d"
+      )
+    self.config = cfg
+    self.weights_spec = weights
+    self.weights_info = info
+    self.descriptor = descriptor
+    self.preprocessing = preprocessing
+    self.batch_size = batch_size
+    self.precision = precision
+    self.whitening = whitening
+    self.workers = workers or min(8, os.cpu_count() or 2)
+    self._graphdef, self._state = nnx.split(model)
+
+  @property
+  def dim(self) -> int:
+    return self.whitening.out_dim if self.whitening else self.descriptor.dim(self.config)
+
+  def fingerprint(self) -> dict:
+    """What an index must record to refuse queries from an incompatible extractor."""
+    return {
+      "model": self.config.name,
+      "weights": self.weights_info.fingerprint,
+      "weights_source": self.weights_info.source,
+      "descriptor": self.descriptor.to_dict(),
+      "preprocessing": self.preprocessing.to_dict(),
+      "precision": self.precision,
+      "dim": self.dim,
+    }
+
+  def index_metadata(self) -> dict:
+    """What an index records: the fingerprint (compared) and where the weights were (a hint)."""
+    return {"extractor": self.fingerprint(), "weights_spec": self.weights_spec}
+
+  @classmethod
+  def from_index_metadata(cls, meta: dict, weights: str | None = None, **kwargs) -> Extractor:
+    """Rebuilds the extractor an index was built with; `weights` overrides the recorded spec."""
+    try:
+      fp = meta["extractor"]
+      desc = Descriptor(**fp["descriptor"])
+      pre = fp["preprocessing"]
+      spec = weights or meta["weights_spec"]
+      ex = cls(
+        spec,
+        desc,
+        resize=pre["resize"],
+        image_size=pre["size"],
+        precision=fp["precision"],
+        config=fp["model"],
+        **kwargs,
+      )
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"index metadata does not describe an extractor ({e!r})") from e
+    check_compatible(meta, ex)
+    return ex
+
+  def compiled_shapes(self) -> int:
+    """Number of compiled variants of the extraction function (for recompilation checks)."""
+    return _extract._cache_size()
+
+  def _run(self, batch_bhw3: np.ndarray) -> jax.Array:
+    return _extract(
+      self._graphdef,
+      self._state,
+      batch_bhw3,
+      convention=self.preprocessing.convention,
+      descriptor=self.descriptor,
+    )
+
+  def _finish(self, feats: np.ndarray) -> np.ndarray:
+    feats = np.asarray(feats, np.float32)
+    return self.whitening(feats) if self.whitening is not None else feats
+
+  def _stream(
+    self, items: Iterable[tuple[int, np.ndarray | None, str | None]]
+  ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """(position, pixels | None, error | None) -> (position, descriptor | None, error | None).
+
+    Images are grouped by shape (bucket) into fixed-size batches; a bucket's batch goes to the
+    device when full, and everything left is padded and flushed at the end. Results come out in
+    completion order, one batch behind the dispatch so host and device overlap.
+    """
+    buckets: dict[tuple, list[tuple[int, np.ndarray]]] = collections.defaultdict(list)
+    in_flight: collections.deque = collections.deque()
+
+    def dispatch(shape):
+      group = buckets.pop(shape)
+      batch = np.zeros((self.batch_size, *shape), np.uint8)
+      for i, (_, px) in enumerate(group):
+        batch[i] = px
+      in_flight.append(([pos for pos, _ in group], self._run(batch)))
+
+    def drain(keep: int):
+      while len(in_flight) > keep:
+        positions, out = in_flight.popleft()
+        feats = self._finish(jax.device_get(out)[: len(positions)])
+        yield from ((pos, feats[i], None) for i, pos in enumerate(positions))
+
+    for pos, pixels, err in items:
+      if pixels is None:
+        yield pos, None, err
+        continue
+      buckets[pixels.shape].append((pos, pixels))
+      if len(buckets[pixels.shape]) == self.batch_size:
+        dispatch(pixels.shape)
+        yield from drain(keep=1)
+    for shape in list(buckets):
+      dispatch(shape)
+    yield from drain(keep=0)
+
+  def iter_paths(
+    self, paths: Iterable[str | os.PathLike]
+  ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """Streams `(position, [D] descriptor or None, error or None)` for each path.
+
+    Results arrive in batch-completion order, not input order; undecodable files yield their
+    reason instead of a descriptor.
+    """
+    decoded = images.load_many(paths, self.preprocessing, workers=self.workers)
+    yield from self._stream(decoded)
+
+  def extract_paths(self, paths: Sequence[str | os.PathLike]) -> Extracted:
+    """Descriptors of the files that decode, with the reasons for those that do not."""
+    rows: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    for pos, feat, err in self.iter_paths(paths):
+      if feat is None:
+        errors[pos] = err
+      else:
+        rows[pos] = feat
+    positions = np.asarray(sorted(rows), np.int64)
+    feats = np.stack([rows[p] for p in positions]) if rows else np.zeros((0, self.dim), np.float32)
+    return Extracted(feats, positions, errors)
+
+  def extract_arrays(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """`[N, H, W, 3]` uint8 RGB (or a list of arrays of any size) -> `[N, D]` float32.
+
+    Arrays not already of the policy's shape are resized by the same policy as files.
+    """
+    prepared = ((i, images.from_array(px, self.preprocessing), None) for i, px in enumerate(pixels))
+    rows = dict((pos, feat) for pos, feat, _ in self._stream(prepared))
+    if not rows:
+      return np.zeros((0, self.dim), np.float32)
+    return np.stack([rows[i] for i in range(len(rows))])
+
+  def __call__(self, inputs) -> np.ndarray:
+    """Paths or pixel arrays -> `[N, D]`; raises if any path cannot be decoded."""
+    if isinstance(inputs, (str, os.PathLike)):
+      inputs = [inputs]
+    if len(inputs) and isinstance(inputs[0], (str, os.PathLike)):
+      result = self.extract_paths(inputs)
+      if result.errors:
+        pos, reason = next(iter(sorted(result.errors.items())))
+        raise images.ImageError(f"{inputs[pos]}: {reason}")
+      return result.features
+    return self.extract_arrays(inputs)
+
+
+class IncompatibleExtractorError(ValueError):
+  """Features from this extractor cannot be compared with the index's."""
+
+
+def check_compatible(meta: dict, extractor: Extractor) -> None:
+  """Raises IncompatibleExtractorError naming every setting that differs from the index's."""
+  want = meta.get("extractor") or {}
+  have = extractor.fingerprint()
+  diffs = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+  if diffs:
+    detail = "; ".join(f"{k}: index {want.get(k)!r}, now {have.get(k)!r}" for k in diffs)
+    raise IncompatibleExtractorError(
+      f"the index was built with a different extractor ({detail}); use the same weights and "
+      "descriptor settings, or build a new index"
+    )

@@ -1,0 +1,63 @@
+r"""Indexes a photo folder, incrementally.
+
+  python -m engine.index --images=DIR --index=DIR [--weights=...] [--descriptor=gem]
+      [--dtype=int8] [--batch_size=16] [--prune]
+
+Walks DIR recursively (symlink loops are visited once), picks images by content as well as by
+extension, extracts only new or changed files and commits every --commit_every images: an
+interrupted run (Ctrl-C, kill, power loss) resumes from its last commit. Ends with a summary;
+files that could not be indexed are listed with their reason in INDEX/last_run_failures.tsv.
+Exit code 0 when the run finished (even with skipped files), 1 when nothing could be done.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from engine import cli, indexer, store
+
+_IMAGES = flags.DEFINE_string("images", None, "Folder of images (recursive) or one image file.")
+_INDEX = flags.DEFINE_string("index", None, "Index folder (created on first use).")
+_DESCRIPTOR = flags.DEFINE_enum(
+  "descriptor", "gem", cli.DESCRIPTOR_NAMES, "Descriptor for a new index."
+)
+_DTYPE = flags.DEFINE_enum("dtype", "int8", list(store.DTYPES), "Storage dtype for a new index.")
+_PRUNE = flags.DEFINE_bool("prune", False, "Remove indexed files under --images that vanished.")
+_COMMIT_EVERY = flags.DEFINE_integer(
+  "commit_every", 256, "Images per commit: the most work an interruption loses.", lower_bound=1
+)
+_REPORT = flags.DEFINE_string(
+  "report", None, "Failures file (path<TAB>reason); default INDEX/last_run_failures.tsv."
+)
+cli.define_extractor_flags()
+flags.mark_flags_as_required(["images", "index"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  with cli.user_errors():
+    extractor = cli.extractor_for_index(_INDEX.value, _DESCRIPTOR.value)
+    result = indexer.index_folder(
+      _IMAGES.value,
+      _INDEX.value,
+      extractor,
+      dtype=_DTYPE.value,
+      prune=_PRUNE.value,
+      commit_every=_COMMIT_EVERY.value,
+      report_path=_REPORT.value,
+    )
+    for path, reason in result.failed[:20]:
+      print(f"skipped {path}: {reason}")
+    if len(result.failed) > 20:
+      print(f"... and {len(result.failed) - 20} more (see the failures file)")
+    label = " [RANDOM weights, not ImageNet]" if extractor.weights_info.is_random else ""
+    print(f"{result.summary()}{label}")
+    if result.indexed + result.unchanged == 0 and result.failed:
+      raise cli.UserError("no image could be indexed")
+    if result.indexed + result.unchanged + len(result.failed) == 0:
+      raise cli.UserError(f"no images found under {_IMAGES.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,242 @@
+"""Indexing a photo folder: incremental, resumable, and honest about what it skipped.
+
+`index_folder` walks a folder, skips files whose size and modification time (or, when those
+changed, content hash) match what the index already holds, extracts the rest and commits every
+`commit_every` images, so an interrupted run loses at most that much work and the next run
+continues where it stopped. Files that cannot be read are skipped with their reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from engine import store, walk
+from engine.extractor import Extractor, check_compatible
+from engine.fileio import atomic_write_text
+
+
+@dataclasses.dataclass
+class IndexReport:
+  """What a run did.
+
+  Attributes:
+    indexed: images extracted and committed (new or changed).
+    unchanged: images skipped because the index already holds them.
+    failed: (path, reason) for every file that could not be indexed.
+    pruned: keys removed because their files vanished (with prune=True).
+    seconds: wall time of the run.
+  """
+
+  indexed: int = 0
+  unchanged: int = 0
+  failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  pruned: int = 0
+  seconds: float = 0.0
+
+  @property
+  def images_per_second(self) -> float:
+    return self.indexed / self.seconds if self.seconds > 0 else 0.0
+
+  def summary(self) -> str:
+    return (
+      f"indexed {self.indexed}, unchanged {self.unchanged}, failed {len(self.failed)}, "
+      f"pruned {self.pruned} in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"
+    )
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(1 << 20):
+      h.update(block)
+  return h.hexdigest()
+
+
+def stat_of(path: str) -> store.FileStat:
+  st = os.stat(path)
+  return store.FileStat(sha256=file_sha256(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+class Progress:
+  """Count, rate and ETA: a live line on a terminal, a plain log line every few seconds otherwise."""
+
+  def __init__(self, total: int, stream=None, every_s: float = 5.0):
+    self.total = total
+    self.stream = stream or sys.stderr
+    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self.every_s = 0.2 if self.tty else every_s
+    self.start = time.monotonic()
+    self.last = 0.0
+    self.done = 0
+
+  def update(self, done: int, force: bool = False) -> None:
+    self.done = done
+    now = time.monotonic()
+    if not force and now - self.last < self.every_s:
+      return
+    self.last = now
+    elapsed = now - self.start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    eta_s = f"{eta:.0f} s" if eta != float("inf") else "?"
+    line = f"{done}/{self.total} images, {rate:.1f} images/s, ETA {eta_s}"
+    if self.tty:
+      self.stream.write(f"\r{line}   ")
+      if force:
+        self.stream.write("\n")
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+
+
+def open_or_create(path: str, extractor: Extractor, dtype: str) -> store.Index:
+  """Opens the index at `path` for writing, refusing one built with a different extractor."""
+  if store.Index.exists(path):
+    idx = store.Index.open(path)
+    try:
+      check_compatible(idx.metadata, extractor)
+    except BaseException:
+      idx.close()
+      raise
+    return idx
+  return store.Index.create(
+    path, dim=extractor.dim, dtype=dtype, metadata=extractor.index_metadata()
+  )
+
+
+def index_folder(
+  root: str,
+  index_path: str,
+  extractor: Extractor,
+  *,
+  dtype: str = "int8",
+  prune: bool = False,
+  commit_every: int = 256,
+  report_path: str | None = None,
+  progress: bool = True,
+  on_commit: Callable[[int], None] | None = None,
+) -> IndexReport:
+  """Brings the index at `index_path` up to date with the images under `root`.
+
+  Args:
+    root: image folder (recursive) or a single file.
+    index_path: index folder, created on first use.
+    extractor: must match the one the index was built with.
+    dtype: storage dtype for a new index.
+    prune: tombstone indexed files under `root` that no longer exist.
+    commit_every: images per commit (the most work an interruption can lose).
+    report_path: where to write the failures (tab-separated path, reason); default
+      `index_path/last_run_failures.tsv`.
+    progress: show progress on stderr.
+    on_commit: called with the number of images committed so far (tests use it).
+
+  Returns:
+    An IndexReport. Interruptions (KeyboardInterrupt) commit what is pending first.
+  """
+  t0 = time.monotonic()
+  report = IndexReport()
+  root_abs = os.path.abspath(root)
+  found = list(walk.find_images(root_abs))
+  idx = open_or_create(index_path, extractor, dtype)
+  try:
+    todo: list[str] = []
+    known: dict[str, store.FileStat] = {}
+    restat: list[tuple[str, store.FileStat]] = []
+    for item in found:
+      if item.error:
+        report.failed.append((item.path, item.error))
+        continue
+      old = idx.get_file_stat(item.path)
+      if old is None:
+        todo.append(item.path)
+        continue
+      try:
+        st = os.stat(item.path)
+      except OSError as e:
+        report.failed.append((item.path, f"cannot stat: {e.strerror}"))
+        continue
+      if st.st_size == old.size and st.st_mtime_ns == old.mtime_ns:
+        report.unchanged += 1
+        continue
+      new = stat_of(item.path)
+      if new.sha256 == old.sha256:
+        restat.append((item.path, new))
+        report.unchanged += 1
+      else:
+        known[item.path] = new
+        todo.append(item.path)
+    if restat:
+      idx.update_file_stats(dict(restat))
+
+    meter = Progress(len(todo)) if progress and todo else None
+    pending_vecs: list[np.ndarray] = []
+    pending_keys: list[str] = []
+    pending_stats: list[store.FileStat] = []
+
+    def commit():
+      if not pending_keys:
+        return
+      idx.add(np.stack(pending_vecs), list(pending_keys), files=list(pending_stats))
+      report.indexed += len(pending_keys)
+      pending_vecs.clear()
+      pending_keys.clear()
+      pending_stats.clear()
+      if on_commit:
+        on_commit(report.indexed)
+
+    stale: list[str] = []  # changed files that no longer decode: their old rows are wrong now
+    try:
+      done = 0
+      for pos, feat, err in extractor.iter_paths(todo):
+        path = todo[pos]
+        done += 1
+        if feat is None:
+          report.failed.append((path, err))
+          if path in known:
+            stale.append(path)
+        else:
+          try:
+            st = known.get(path) or stat_of(path)
+          except OSError as e:
+            report.failed.append((path, f"cannot read: {e.strerror}"))
+            continue
+          pending_vecs.append(feat)
+          pending_keys.append(path)
+          pending_stats.append(st)
+          if len(pending_keys) >= commit_every:
+            commit()
+        if meter:
+          meter.update(done)
+      commit()
+      if stale:
+        idx.delete(stale)
+    except KeyboardInterrupt:
+      commit()
+      raise
+    if meter:
+      meter.update(done, force=True)
+
+    if prune:
+      present = {item.path for item in found}
+      prefix = root_abs.rstrip(os.sep) + os.sep
+      gone = [k for k in idx.keys() if (k == root_abs or k.startswith(prefix)) and k not in present]
+      gone = [k for k in gone if not os.path.exists(k)]
+      if gone:
+        idx.delete(gone)
+      report.pruned = len(gone)
+  finally:
+    idx.close()
+    report.seconds = time.monotonic() - t0
+    report_path = report_path or os.path.join(index_path, "last_run_failures.tsv")
+    try:
+      atomic_write_text(report_path, "".join(f"{p}\t{r}\n" for p, r in report.failed))
+    except OSError:
+      pass
+  return report
