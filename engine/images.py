@@ -37,6 +37,8 @@ def _open(path: str | os.PathLike) -> Image.Image:
     img = Image.open(path)
   except UnidentifiedImageError as e:
     raise ImageError("not a recognised image format") from e
+  except Image.DecompressionBombError as e:
+    raise ImageError(f"image too large ({e})") from e
   except FileNotFoundError as e:
     raise ImageError("file not found") from e
   except PermissionError as e:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs the project into it. Usage: scripts/setup.sh [EXTRAS]
+# EXTRAS is a pip extras list such as "test" or "test,bench".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+python -m pip install -q -e "$spec"
