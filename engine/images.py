@@ -89,11 +89,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _resize(img: Image.Image, pre: Preprocessing) -> Image.Image:
   w, h = img.size
   if pre.resize == "center_crop":
+    # torchvision's Resize + CenterCrop: long side truncated, crop offsets rounded.
     short = round(pre.size * 256 / 224)
-    scale = short / min(w, h)
-    nw, nh = max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-    left, top = (nw - pre.size) // 2, (nh - pre.size) // 2
+    left, top = int(round((nw - pre.size) / 2)), int(round((nh - pre.size) / 2))
     return img.crop((left, top, left + pre.size, top + pre.size))
   out_h, out_w = pre.output_shape(w, h)
   return img.resize((out_w, out_h), Image.BILINEAR)

@@ -93,7 +93,7 @@ def test_bad_files_raise_image_error(tmp_path, content, reason):
 
 
 def test_truncated_jpeg_raises(tmp_path):
-  path = write_image(tmp_path / "t.jpg", seed=4, size=(256, 256))
+  write_image(tmp_path / "t.jpg", seed=4, size=(256, 256))
   data = (tmp_path / "t.jpg").read_bytes()
   (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
   with pytest.raises(images.ImageError, match="decode"):

@@ -1,0 +1,163 @@
+"""Downloads a published VGG-16 file, checks it against `weights.sources`, converts it into a cache.
+
+    python -m weights.fetch --source=keras_h5|torchvision|timm [--cache_dir=~/.cache/vgg-retrieval]
+
+prints the converted weights folder (`CACHE/{source}-vgg16`); if it is already there, nothing is
+downloaded. The download streams to a temporary file beside its final name and is renamed into place
+only once its size and checksums match. Offline, the first connection attempt fails within
+`timeout` seconds with a message that names the URL and the `weights.convert` command for a file
+obtained some other way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+
+from absl import app
+
+from engine import checkpoint
+from engine.fileio import fsync_dir
+from weights import convert as convert_lib
+from weights import sources
+
+DEFAULT_CACHE_DIR = "~/.cache/vgg-retrieval"
+CONNECT_TIMEOUT_S = 10.0
+_CHUNK = 1 << 20
+
+
+class FetchError(Exception):
+  """A download that failed or did not verify; str() is one line a person can act on."""
+
+
+def _by_other_means(src: sources.Source) -> str:
+  return (
+    f"if you have {src.filename} from elsewhere, convert it with `python -m weights.convert "
+    f"--source={src.name} --input=FILE --output=DIR`"
+  )
+
+
+def _check(src: sources.Source, size: int, sha256: str, md5: str) -> str | None:
+  """Why the file does not match the published record, or None if it does."""
+  if src.size is not None and size != src.size:
+    return f"size {size} bytes, expected {src.size}"
+  if src.sha256 is not None and sha256 != src.sha256:
+    return f"sha256 {sha256}, expected {src.sha256}"
+  if src.sha256_prefix is not None and not sha256.startswith(src.sha256_prefix):
+    return f"sha256 {sha256}, expected one starting with {src.sha256_prefix}"
+  if src.md5 is not None and md5 != src.md5:
+    return f"md5 {md5}, expected {src.md5}"
+  return None
+
+
+def _hashes(path: str) -> tuple[int, str, str]:
+  sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+  with open(path, "rb") as f:
+    while block := f.read(_CHUNK):
+      sha.update(block)
+      md5.update(block)
+      size += len(block)
+  return size, sha.hexdigest(), md5.hexdigest()
+
+
+def _download(src: sources.Source, path: str, timeout: float) -> None:
+  """Streams `src.url` to `path` through a temporary file; verifies before the rename."""
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  request = urllib.request.Request(src.url, headers={"User-Agent": "vgg-retrieval-engine"})
+  print(f"downloading {src.url}", file=sys.stderr)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
+  try:
+    sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+    try:
+      with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as f:
+        while block := response.read(_CHUNK):
+          f.write(block)
+          sha.update(block)
+          md5.update(block)
+          size += len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+      reason = getattr(e, "reason", None) or e
+      raise FetchError(f"cannot download {src.url} ({reason}); {_by_other_means(src)}") from e
+    problem = _check(src, size, sha.hexdigest(), md5.hexdigest())
+    if problem:
+      raise FetchError(
+        f"the file downloaded from {src.url} does not match weights/sources.py: {problem}; "
+        "it was not used"
+      )
+    if src.sha256 is None:
+      print(
+        f"{src.filename}: sha256 {sha.hexdigest()} (no published sha256; checked "
+        f"{'md5' if src.md5 else 'the sha256 prefix'})",
+        file=sys.stderr,
+      )
+    os.replace(tmp, path)
+    fsync_dir(folder)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except FileNotFoundError:
+      pass
+    raise
+
+
+def fetch(
+  source: str,
+  cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+  *,
+  timeout: float = CONNECT_TIMEOUT_S,
+) -> str:
+  """Makes sure `CACHE/{source}-vgg16` holds the converted official weights; returns its path.
+
+  Args:
+    source: `keras_h5`, `torchvision` or `timm`.
+    cache_dir: where downloads (`downloads/{source}/{filename}`) and converted folders live.
+    timeout: seconds to wait for the connection and for each read.
+
+  Raises:
+    FetchError: unknown source, no network, or a file that does not match its published record.
+    convert.ConvertError: the verified file does not convert (it should never happen).
+  """
+  try:
+    src = sources.get(source)
+  except ValueError as e:
+    raise FetchError(str(e)) from e
+  cache_dir = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+  out_dir = os.path.join(cache_dir, f"{source}-vgg16")
+  try:
+    checkpoint.read_info(out_dir)
+    return out_dir
+  except checkpoint.WeightsError:
+    pass
+  path = os.path.join(cache_dir, "downloads", source, src.filename)
+  if not (os.path.isfile(path) and _check(src, *_hashes(path)) is None):
+    _download(src, path, timeout)
+  convert_lib.convert(source, path, out_dir, overwrite=True)
+  return out_dir
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    path = fetch(_SOURCE.value, _CACHE_DIR.value)
+  except (FetchError, convert_lib.ConvertError, checkpoint.WeightsError) as e:
+    sys.exit(f"error: {' '.join(str(e).split())}")
+  print(path)
+
+
+if __name__ == "__main__":
+  from absl import flags
+
+  _SOURCE = flags.DEFINE_enum("source", None, sorted(sources.SOURCES), "Which file to fetch.")
+  _CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", DEFAULT_CACHE_DIR, "Downloads and converted weights folders go here."
+  )
+  flags.mark_flag_as_required("source")
+  app.run(main)
