@@ -109,7 +109,7 @@ def extractor_for_index(index_path: str, descriptor: str | None = None) -> Extra
   from engine import store
   from engine.extractor import check_compatible
 
-  exists = store.Index.exists(index_path)
+  exists = store.exists(index_path)
   if not exists and descriptor is None:
     raise UserError(f"no index at {index_path}")
   if not exists:

@@ -29,7 +29,7 @@ def main(argv):
   if not -1.0 <= _THRESHOLD.value <= 1.0:
     raise app.UsageError(f"--threshold must be in [-1, 1], got {_THRESHOLD.value}")
   with cli.user_errors():
-    if not store.Index.exists(_INDEX.value):
+    if not store.exists(_INDEX.value):
       raise cli.UserError(f"no index at {_INDEX.value}")
     with store.Index.open(_INDEX.value, readonly=True) as idx:
       groups = retrieve.find_duplicates(idx, _THRESHOLD.value, k=_K.value)

@@ -98,7 +98,7 @@ class Progress:
 
 def open_or_create(path: str, extractor: Extractor, dtype: str) -> store.Index:
   """Opens the index at `path` for writing, refusing one built with a different extractor."""
-  if store.Index.exists(path):
+  if store.exists(path):
     idx = store.Index.open(path)
     try:
       check_compatible(idx.metadata, extractor)

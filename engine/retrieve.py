@@ -82,7 +82,7 @@ def find_duplicates(
   kk = min(k + 1, len(idx))
   if kk < 2:
     return []
-  for keys_q, vecs in idx.iter_vectors(chunk):
+  for keys_q, vecs in idx.iter_chunks(chunk):
     scores, keys = idx.search(vecs, k=kk)
     for qkey, srow, krow in zip(keys_q, scores, keys, strict=True):
       for other, s in zip(krow, srow, strict=True):

@@ -71,17 +71,17 @@ def _overlay(img: Image.Image) -> Image.Image:
 
 # name -> transformation; each keeps the photo recognisable to a person.
 TRANSFORMS = {
-    "hflip": ImageOps.mirror,
-    "crop80": lambda im: _crop(im, 0.8),
-    "crop60": lambda im: _crop(im, 0.6),
-    "rot90": lambda im: im.rotate(90, expand=True),
-    "rot10": lambda im: im.rotate(10, resample=Image.BILINEAR, expand=False),
-    "half": lambda im: im.resize((im.width // 2, im.height // 2), Image.BILINEAR),
-    "jpeg20": lambda im: _jpeg(im, 20),
-    "bright": lambda im: ImageEnhance.Brightness(im).enhance(1.3),
-    "colour": lambda im: ImageEnhance.Color(im).enhance(0.4),
-    "gray": lambda im: ImageOps.grayscale(im).convert("RGB"),
-    "overlay": _overlay,
+  "hflip": ImageOps.mirror,
+  "crop80": lambda im: _crop(im, 0.8),
+  "crop60": lambda im: _crop(im, 0.6),
+  "rot90": lambda im: im.rotate(90, expand=True),
+  "rot10": lambda im: im.rotate(10, resample=Image.BILINEAR, expand=False),
+  "half": lambda im: im.resize((im.width // 2, im.height // 2), Image.BILINEAR),
+  "jpeg20": lambda im: _jpeg(im, 20),
+  "bright": lambda im: ImageEnhance.Brightness(im).enhance(1.3),
+  "colour": lambda im: ImageEnhance.Color(im).enhance(0.4),
+  "gray": lambda im: ImageOps.grayscale(im).convert("RGB"),
+  "overlay": _overlay,
 }
 
 
@@ -91,7 +91,7 @@ def _save(img: Image.Image, path: str) -> None:
 
 
 def make_collection(
-    output: str, scenes: int = 48, queries: int = 12, seed: int = 0
+  output: str, scenes: int = 48, queries: int = 12, seed: int = 0
 ) -> dict[str, str]:
   """Writes photos/, queries/ and ground_truth.json under `output`; returns the ground truth."""
   rng = np.random.default_rng(seed)

@@ -1,0 +1,507 @@
+r"""Copy detection, offline: which original does a transformed copy come from?
+
+  python -m bench.copydetect [--photos=DIR] [--weights=random,DIR] [--output=results/copydetect.json]
+  python -m bench.copydetect --small          # tiny model, few images: a check in seconds
+
+Takes real photos (--photos; default the shared test photos when present, else a generated
+collection from engine/sample.py), makes transformed copies of each (engine.sample.TRANSFORMS plus a
+few defined here: crops, rotations, flips, rescaling, JPEG quality, colour shifts, overlays),
+indexes the originals together with distractors (generated scenes, plus the photos of
+--distractor_dir), queries the index with every copy and reports mAP and recall@1/10 per
+transformation, per descriptor (fc2, pool5, mac, spoc, gem, rmac), per storage dtype and per
+weights (random and each converted folder given, reported separately). A pixel baseline (16x16 RGB
+thumbnails, L2-normalised; and the same with each thumbnail's mean removed) shows what a descriptor
+adds over comparing colours.
+
+Each query has exactly one relevant image (its original), so recall@k is the fraction of copies
+whose original is in the top k, and AP (trapezoidal rule, the Oxford/Holidays code) is 1 at rank 1
+and 1 / (2r) at rank r > 1 (`--ap=noninterpolated` gives 1 / r: the mean reciprocal rank).
+
+Every image goes through the network once per input policy, not once per descriptor: fc2 and pool5
+come from one 224x224 squash pass, mac/spoc/gem/rmac from one aspect-preserving pass with the
+longer side at --image_size (the engine's own extraction code; the test checks equality with
+`Extractor.extract_arrays`). Prints the tables last and writes JSON with --output.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from absl import app, flags
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import metrics  # noqa: E402
+from engine import sample  # noqa: E402
+
+SHARED = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  "shared",
+  "data",
+  "imagededup-tests",
+)
+DESCRIPTORS = ("fc2", "pool5", "mac", "spoc", "gem", "rmac")
+FIXED = ("fc1", "fc2", "pool5")
+PIXEL_BASELINES = ("pix16", "pix16zm")
+MAX_SOURCE_SIDE = 1024  # originals are shrunk to this first, so transforms stay cheap
+
+
+# ------------------------------------------------------------------------------ transformations
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+  buf = io.BytesIO()
+  img.save(buf, "JPEG", quality=quality)
+  buf.seek(0)
+  return Image.open(buf).convert("RGB")
+
+
+def _crop_corner(img: Image.Image, frac: float) -> Image.Image:
+  w, h = img.size
+  return img.crop((0, 0, int(w * frac), int(h * frac)))
+
+
+def _hue_roll(img: Image.Image) -> Image.Image:
+  r, g, b = img.split()
+  return Image.merge("RGB", (g, b, r))
+
+
+def _logo(img: Image.Image) -> Image.Image:
+  """Pastes a foreign picture (a generated scene) over a quarter of the image, bottom right."""
+  out = img.copy()
+  w, h = out.size
+  patch = sample.scene(np.random.default_rng(12345), max(8, w // 2), max(8, h // 2))
+  out.paste(patch, (w - patch.width, h - patch.height))
+  return out
+
+
+def _caption(img: Image.Image) -> Image.Image:
+  out = img.copy()
+  draw = ImageDraw.Draw(out)
+  w, h = out.size
+  for i in range(3):
+    y = int(h * (0.1 + 0.3 * i))
+    draw.text((int(w * 0.05), y), "SAMPLE  COPY  " * 4, fill=(255, 255, 0))
+  return out
+
+
+# The engine's transformations first, then harder ones defined here.
+TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
+  **sample.TRANSFORMS,
+  "vflip": ImageOps.flip,
+  "crop50corner": lambda im: _crop_corner(im, 0.5),
+  "rot45": lambda im: im.rotate(45, resample=Image.BILINEAR, expand=True),
+  "quarter": lambda im: im.resize((max(1, im.width // 4), max(1, im.height // 4)), Image.BILINEAR),
+  "jpeg5": lambda im: _jpeg(im, 5),
+  "huerot": _hue_roll,
+  "blur": lambda im: im.filter(ImageFilter.GaussianBlur(4)),
+  "logo": _logo,
+  "caption": _caption,
+}
+
+
+# ------------------------------------------------------------------------------ the data set
+
+
+@functools.cache
+def default_photos() -> str | None:
+  path = os.path.join(SHARED, "base_images")
+  return path if os.path.isdir(path) else None
+
+
+def list_images(folder: str) -> list[str]:
+  from engine import walk
+
+  return sorted(item.path for item in walk.find_images(os.path.abspath(folder)) if not item.error)
+
+
+def open_rgb(path: str) -> Image.Image:
+  with Image.open(path) as im:
+    im = ImageOps.exif_transpose(im)
+    im.draft("RGB", (MAX_SOURCE_SIDE, MAX_SOURCE_SIDE))
+    im = im.convert("RGB")
+  if max(im.size) > MAX_SOURCE_SIDE:
+    im.thumbnail((MAX_SOURCE_SIDE, MAX_SOURCE_SIDE), Image.BILINEAR)
+  return im
+
+
+def generated_photos(n: int, seed: int) -> list[tuple[str, Image.Image]]:
+  rng = np.random.default_rng(seed)
+  return [(f"scene_{i:03d}", sample.scene(rng)) for i in range(n)]
+
+
+class Prepared:
+  """Each image once, in every form an extractor or baseline needs.
+
+  Attributes:
+    policies: name -> engine Preprocessing.
+    pixels: name -> list of `[h, w, 3]` uint8 arrays (one per image, shape per policy).
+    thumbs: `[N, 16 * 16 * 3]` float32 raw thumbnails.
+  """
+
+  def __init__(self, policies: dict):
+    self.policies = policies
+    self.pixels: dict[str, list[np.ndarray]] = {p: [] for p in policies}
+    self.thumbs: list[np.ndarray] = []
+
+  def add(self, img: Image.Image) -> None:
+    from engine import images
+
+    for name, pre in self.policies.items():
+      self.pixels[name].append(images.prepare(img, pre))
+    self.thumbs.append(np.asarray(img.resize((16, 16), Image.BOX), np.float32).reshape(-1))
+
+  def __len__(self) -> int:
+    return len(self.thumbs)
+
+
+def pixel_baseline(thumbs: Sequence[np.ndarray], name: str) -> np.ndarray:
+  """`[N, 768]` thumbnails -> L2-normalised baseline vectors (`zm`: mean removed first)."""
+  x = np.stack(thumbs).astype(np.float32)
+  if name.endswith("zm"):
+    x = x - x.mean(axis=1, keepdims=True)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+
+def build_dataset(
+  photos: Sequence[tuple[str, Image.Image]],
+  distractors: Sequence[tuple[str, Image.Image]],
+  transforms: Sequence[str],
+  policies: dict,
+) -> tuple[Prepared, list[str], Prepared, dict]:
+  """Prepares the database (originals + distractors) and the queries (copies) with ground truth.
+
+  Returns:
+    (database, its keys, queries, truth) where truth is the metrics ground truth with query ids
+    `{original}/{transform}` and one relevant key `orig/{original}` each, plus "transform" and
+    "original" per query.
+  """
+  db, keys = Prepared(policies), []
+  queries, truth = Prepared(policies), {"protocol": "plain", "queries": {}}
+  for name, img in photos:
+    db.add(img)
+    keys.append(f"orig/{name}")
+    for t in transforms:
+      queries.add(TRANSFORMS[t](img))
+      truth["queries"][f"{name}/{t}"] = {
+        "relevant": [f"orig/{name}"],
+        "transform": t,
+        "original": name,
+      }
+  for name, img in distractors:
+    db.add(img)
+    keys.append(f"distractor/{name}")
+  return db, keys, queries, truth
+
+
+# ------------------------------------------------------------------------------ features
+
+
+@functools.cache
+def _multi_fn():
+  """The jitted `(graphdef, state, [B, H, W, 3] uint8) -> one [B, D] per descriptor` function."""
+  import jax
+  from flax import nnx
+
+  from engine import descriptors
+  from engine.preprocess import normalize
+
+  @functools.partial(jax.jit, static_argnames=("graphdef", "convention", "descs"))
+  def run(graphdef, state, pixels, *, convention, descs):
+    model = nnx.merge(graphdef, state)
+    taps = model(normalize(pixels, convention), taps=tuple(sorted({d.model_tap for d in descs})))
+    return tuple(descriptors.describe(taps, d) for d in descs)
+
+  return run
+
+
+def extract_many(extractor, names: Sequence[str], pixels: Sequence[np.ndarray]) -> dict:
+  """Several descriptors from one forward pass per image.
+
+  Args:
+    extractor: an engine Extractor whose weights, convention and batch size are used.
+    names: descriptor names sharing the extractor's input policy.
+    pixels: `[h, w, 3]` uint8 arrays already of the policy's shapes.
+
+  Returns:
+    name -> `[N, D]` float32, in input order (the same numbers as `extract_arrays` per name).
+  """
+  import jax
+
+  from engine.descriptors import Descriptor
+
+  descs = tuple(Descriptor(n) for n in names)
+  groups = collections.defaultdict(list)
+  for i, px in enumerate(pixels):
+    groups[px.shape].append(i)
+  out = {n: [None] * len(pixels) for n in names}
+  bs = extractor.batch_size
+  for shape, idx in groups.items():
+    for a in range(0, len(idx), bs):
+      part = idx[a : a + bs]
+      batch = np.zeros((bs, *shape), np.uint8)
+      for j, i in enumerate(part):
+        batch[j] = pixels[i]
+      res = jax.device_get(
+        _multi_fn()(
+          extractor._graphdef,
+          extractor._state,
+          batch,
+          convention=extractor.preprocessing.convention,
+          descs=descs,
+        )
+      )
+      for n, feats in zip(names, res, strict=True):
+        for j, i in enumerate(part):
+          out[n][i] = np.asarray(feats[j], np.float32)
+  return {n: np.stack(v) for n, v in out.items()}
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def score(
+  db_nd: np.ndarray,
+  db_keys: Sequence[str],
+  q_qd: np.ndarray,
+  truth: dict,
+  dtype: str,
+  workdir: str,
+  rule: str = "trapezoid",
+) -> dict:
+  """Indexes the database in an engine Index of `dtype`, ranks it for every query, scores.
+
+  Returns:
+    {"all": metrics of every query, "by_transform": {transform: metrics}} (per-query APs dropped).
+  """
+  from engine.store import Index
+
+  path = tempfile.mkdtemp(dir=workdir)
+  with Index.create(path, dim=db_nd.shape[1], dtype=dtype) as idx:
+    idx.add(db_nd, list(db_keys))
+    _, keys = idx.search(q_qd, k=len(db_keys))
+  rankings = {q: list(row) for q, row in zip(truth["queries"], keys, strict=True)}
+  res = metrics.evaluate(rankings, truth, rule=rule)
+  by_t = collections.defaultdict(dict)
+  for q, entry in truth["queries"].items():
+    by_t[entry["transform"]][q] = entry
+  out = {"all": _summary(res), "by_transform": {}}
+  for t, qs in by_t.items():
+    sub = metrics.evaluate(rankings, {"protocol": "plain", "queries": qs}, rule=rule)
+    out["by_transform"][t] = _summary(sub)
+  return out
+
+
+def _summary(res: dict) -> dict:
+  return {k: res[k] for k in ("map", "recall@1", "recall@10", "queries")}
+
+
+# ------------------------------------------------------------------------------ the binary
+
+
+def _weights_label(spec: str) -> str:
+  return spec if spec.startswith("random") else os.path.basename(os.path.normpath(spec))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from engine.extractor import Extractor
+  from engine.model import ModelConfig
+  from engine.preprocess import Preprocessing
+
+  small = _SMALL.value
+  config = "tiny" if small else _CONFIG.value
+  transforms = _TRANSFORMS.value or list(TRANSFORMS)
+  unknown = [t for t in transforms if t not in TRANSFORMS]
+  if unknown:
+    raise app.UsageError(f"unknown transforms {unknown}; known: {list(TRANSFORMS)}")
+  names = [d for d in _DESCRIPTORS.value if d not in PIXEL_BASELINES]
+  fixed = [d for d in names if d in FIXED]
+  pooled = [d for d in names if d not in FIXED]
+  max_photos = 4 if small else _MAX_PHOTOS.value
+  n_distractors = 12 if small else _DISTRACTORS.value
+
+  t0 = time.perf_counter()
+  photo_dir = _PHOTOS.value or default_photos()
+  if photo_dir:
+    paths = list_images(photo_dir)[:max_photos]
+    photos = [(metrics.key_of(p), open_rgb(p)) for p in paths]
+    source = photo_dir
+  else:
+    photos = generated_photos(max_photos, _SEED.value + 1)
+    source = "generated scenes (engine.sample; no photo folder found)"
+  if not photos:
+    raise app.UsageError(f"no images in {photo_dir}")
+  distractors = generated_photos(n_distractors, _SEED.value)
+  ddir = _DISTRACTOR_DIR.value
+  if ddir is None:
+    ddir = os.path.join(SHARED, "formats_images") if photo_dir == default_photos() else ""
+  if ddir and os.path.isdir(ddir):
+    stems = [name for name, _ in photos]
+    for p in list_images(ddir):
+      if not any(metrics.key_of(p).startswith(s) for s in stems):
+        distractors.append((f"file_{os.path.basename(p)}", open_rgb(p)))
+
+  # Input policies. The weights' pixel convention is applied on the device, so the prepared
+  # pixels serve every weights folder; the convention recorded here is unused.
+  policies = {}
+  if fixed:
+    policies["fixed"] = Preprocessing("torch", "squash", ModelConfig.by_name(config).image_size)
+  if pooled:
+    policies["pooled"] = Preprocessing("torch", "keep_aspect", 64 if small else _IMAGE_SIZE.value)
+  db, db_keys, queries, truth = build_dataset(photos, distractors, transforms, policies)
+  prep_s = time.perf_counter() - t0
+  print(
+    f"{len(photos)} originals from {source}, {len(distractors)} distractors, "
+    f"{len(queries)} copies ({len(transforms)} transforms); prepared in {prep_s:.1f} s",
+    flush=True,
+  )
+
+  rows = []
+  workdir = tempfile.mkdtemp(prefix="copydetect-")
+  try:
+    features = {}  # (weights label, descriptor) -> (db, queries)
+    for name in PIXEL_BASELINES:
+      features[("pixels", name)] = (
+        pixel_baseline(db.thumbs, name),
+        pixel_baseline(queries.thumbs, name),
+      )
+    timings = {}
+    for spec in _WEIGHTS.value:
+      label = _weights_label(spec)
+      for policy, group in (("fixed", fixed), ("pooled", pooled)):
+        if not group:
+          continue
+        kwargs = {"image_size": policies[policy].size} if policy == "pooled" else {}
+        ex = Extractor(
+          spec,
+          group[0],
+          batch_size=_BATCH.value,
+          precision=_PRECISION.value,
+          config=config,
+          **kwargs,
+        )
+        t = time.perf_counter()
+        fd = extract_many(ex, group, db.pixels[policy])
+        fq = extract_many(ex, group, queries.pixels[policy])
+        secs = time.perf_counter() - t
+        n_img = len(db) + len(queries)
+        timings[f"{label}/{policy}"] = {"seconds": secs, "images": n_img}
+        print(
+          f"{label}: {'+'.join(group)} for {n_img} images in {secs:.1f} s "
+          f"({n_img / secs:.1f} images/s incl. compilation)",
+          flush=True,
+        )
+        for n in group:
+          features[(label, n)] = (fd[n], fq[n])
+    for (label, name), (fd, fq) in features.items():
+      for dtype in _DTYPES.value:
+        res = score(fd, db_keys, fq, truth, dtype, workdir, _AP.value)
+        rows.append(
+          {"weights": label, "descriptor": name, "dim": int(fd.shape[1]), "dtype": dtype, **res}
+        )
+  finally:
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+
+  meta = {
+    "date": time.strftime("%Y-%m-%d"),
+    "photos": source,
+    "originals": len(photos),
+    "distractors": len(distractors),
+    "database": len(db_keys),
+    "queries": len(queries),
+    "transforms": transforms,
+    "config": config,
+    "precision": _PRECISION.value,
+    "pooled_image_size": policies["pooled"].size if pooled else None,
+    "ap_rule": _AP.value,
+    "extraction": timings,
+    "seconds": time.perf_counter() - t0,
+  }
+  if _OUTPUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+    with open(_OUTPUT.value, "w") as f:
+      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  print_tables(meta, rows, transforms)
+
+
+def print_tables(meta: dict, rows: list[dict], transforms: Sequence[str]) -> None:
+  print(
+    f"\ncopy detection: {meta['queries']} copies of {meta['originals']} originals in a database "
+    f"of {meta['database']} ({meta['distractors']} distractors); model {meta['config']}, "
+    f"{meta['precision']}, AP {meta['ap_rule']}; {meta['date']}"
+  )
+  print(
+    f"{'weights':10s} {'descriptor':12s} {'dim':>6s} {'dtype':8s} {'mAP':>6s} {'R@1':>6s} {'R@10':>6s}"
+  )
+  for r in rows:
+    a = r["all"]
+    print(
+      f"{r['weights']:10s} {r['descriptor']:12s} {r['dim']:6d} {r['dtype']:8s} "
+      f"{a['map']:6.3f} {a['recall@1']:6.3f} {a['recall@10']:6.3f}"
+    )
+  dtype = rows[0]["dtype"] if rows else "float32"
+  cols = [r for r in rows if r["dtype"] == dtype]
+  labels = {r["weights"] for r in cols if r["weights"] != "pixels"}
+  heads = [
+    r["descriptor"]
+    if len(labels) <= 1 or r["weights"] == "pixels"
+    else f"{r['weights'][:8]}:{r['descriptor']}"
+    for r in cols
+  ]
+  width = max([6, *map(len, heads)])
+  print(f"\nmAP per transformation ({dtype} index)")
+  print(f"{'transform':13s} " + " ".join(f"{h:>{width}s}" for h in heads))
+  for t in transforms:
+    print(f"{t:13s} " + " ".join(f"{r['by_transform'][t]['map']:>{width}.3f}" for r in cols))
+  print(f"\nrecall@1 per transformation ({dtype} index)")
+  print(f"{'transform':13s} " + " ".join(f"{h:>{width}s}" for h in heads))
+  for t in transforms:
+    print(f"{t:13s} " + " ".join(f"{r['by_transform'][t]['recall@1']:>{width}.3f}" for r in cols))
+
+
+if __name__ == "__main__":
+  # Flags exist only when run as a program, so the module stays importable next to others.
+  _PHOTOS = flags.DEFINE_string(
+    "photos", None, "Folder of original photos (default: the shared test photos, else generated)."
+  )
+  _MAX_PHOTOS = flags.DEFINE_integer("max_photos", 50, "Use at most this many originals.")
+  _DISTRACTORS = flags.DEFINE_integer("distractors", 100, "Generated scenes added as distractors.")
+  _DISTRACTOR_DIR = flags.DEFINE_string(
+    "distractor_dir",
+    None,
+    "Folder of more distractor photos (default: the shared formats_images when present; '' none). "
+    "Files whose name starts with an original's name are skipped (they are copies of it).",
+  )
+  _TRANSFORMS = flags.DEFINE_list("transforms", None, "Transformations to use (default: all).")
+  _DESCRIPTORS = flags.DEFINE_list("descriptors", list(DESCRIPTORS), "Descriptors to compare.")
+  _DTYPES = flags.DEFINE_list("dtypes", ["float32", "int8"], "Index storage dtypes.")
+  _WEIGHTS = flags.DEFINE_list(
+    "weights", ["random"], "Weights to compare: random[:SEED] and/or converted weights folders."
+  )
+  _CONFIG = flags.DEFINE_enum(
+    "config", "vgg16", ["vgg16", "tiny"], "Model preset (random weights)."
+  )
+  _SMALL = flags.DEFINE_bool("small", False, "Quick check: tiny model, 4 photos, 12 distractors.")
+  _IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 224, "Longer side for the pooled descriptors (mac, spoc, gem, rmac)."
+  )
+  _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per device call.")
+  _PRECISION = flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "Compute precision.")
+  _AP = flags.DEFINE_enum("ap", "trapezoid", list(metrics.AP_RULES), "AP rule.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generated images and random transforms.")
+  _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+  app.run(main)

@@ -1,0 +1,155 @@
+r"""Retrieval quality of an index against a ground truth: mAP and recall@k.
+
+  # 1. convert the official ground truth once (the data sets are downloaded by the user)
+  python -m bench.quality --convert_oxford=~/data/oxford5k/gt --ground_truth=oxford5k.json
+  python -m bench.quality --convert_holidays=~/data/holidays/jpg --ground_truth=holidays.json
+  # 2. index the images, then score the index
+  python -m engine.index --images=~/data/holidays/jpg --index=/tmp/holidays.idx --descriptor=gem
+  python -m bench.quality --index=/tmp/holidays.idx --ground_truth=holidays.json
+
+Protocols (from the ground truth's "protocol"; see bench/metrics.py): `oxford` removes junk images
+from each ranking, `holidays` removes the query image from its own ranking; both compute AP by the
+trapezoidal rule of the official evaluation code. Query descriptors come from the index itself
+(`--queries=index`: the query images must be indexed, as in Holidays and the full-image Oxford
+variant) or are extracted from the files in `--images` with the index's extractor
+(`--queries=extract`), cropped to the ground truth's query box with `--crop` (the standard
+Oxford/Paris protocol). Index keys are matched to ground-truth names by file name without folder
+and extension. Prints a table last; `--output` writes JSON with the per-query APs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import metrics  # noqa: E402
+
+
+def _find_images(folder: str) -> dict[str, str]:
+  out = {}
+  for dirpath, _, files in os.walk(folder):
+    for name in files:
+      out.setdefault(metrics.key_of(name), os.path.join(dirpath, name))
+  return out
+
+
+def query_vectors(index, truth: dict, mode: str, images: str | None, crop: bool, weights=None):
+  """`[Q, D]` query descriptors in the order of truth["queries"], from the index or extracted."""
+  qids = list(truth["queries"])
+  names = [truth["queries"][q].get("image", q) for q in qids]
+  if mode == "index":
+    by_name = {}
+    for key in index.keys():
+      by_name.setdefault(metrics.key_of(key), key)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+      raise app.UsageError(
+        f"{len(missing)} query images are not in the index (e.g. {missing[:3]}): index them or "
+        "use --queries=extract --images=DIR"
+      )
+    return index.get_vectors([by_name[n] for n in names])
+  from PIL import Image
+
+  from engine.extractor import Extractor
+
+  extractor = Extractor.from_index_metadata(index.metadata, weights=weights)
+  files = _find_images(images)
+  pixels = []
+  for q, name in zip(qids, names, strict=True):
+    if name not in files:
+      raise app.UsageError(f"query image {name!r} not found under {images}")
+    with Image.open(files[name]) as im:
+      im = im.convert("RGB")
+      box = truth["queries"][q].get("bbox")
+      if crop and box:
+        im = im.crop(tuple(int(round(v)) for v in box))
+      pixels.append(np.asarray(im))
+  return extractor.extract_arrays(pixels)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _TRUTH.value:
+    raise app.UsageError("--ground_truth is required")
+  if _CONVERT_OXFORD.value or _CONVERT_HOLIDAYS.value:
+    truth = (
+      metrics.oxford_to_truth(os.path.expanduser(_CONVERT_OXFORD.value))
+      if _CONVERT_OXFORD.value
+      else metrics.holidays_to_truth(os.path.expanduser(_CONVERT_HOLIDAYS.value))
+    )
+    metrics.save_truth(truth, _TRUTH.value)
+    print(f"wrote {len(truth['queries'])} {truth['protocol']} queries to {_TRUTH.value}")
+    if not _INDEX.value:
+      return
+  if not _INDEX.value:
+    raise app.UsageError("--index is required to evaluate")
+  if _QUERIES.value == "extract" and not _IMAGES.value:
+    raise app.UsageError("--queries=extract needs --images")
+  from engine.store import Index
+
+  truth = metrics.load_truth(_TRUTH.value)
+  ks = [int(k) for k in _KS.value]
+  with Index.open(_INDEX.value, readonly=True) as index:
+    vecs = query_vectors(index, truth, _QUERIES.value, _IMAGES.value, _CROP.value, _WEIGHTS.value)
+    ranked = metrics.rank_with_index(index, vecs, _K.value or None)
+    n_db = len(index)
+  rankings = dict(zip(truth["queries"], ranked, strict=True))
+  res = metrics.evaluate(rankings, truth, ks=ks, rule=_AP.value)
+  res.update(
+    protocol=truth["protocol"],
+    ap_rule=_AP.value,
+    index=_INDEX.value,
+    database=n_db,
+    queries_from=_QUERIES.value,
+  )
+  if _OUTPUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(res, f, indent=1)
+  print(
+    f"{'protocol':9s} {'queries':>7s} {'database':>8s} {'mAP':>7s} "
+    + " ".join(f"{'R@' + str(k):>6s}" for k in ks)
+  )
+  print(
+    f"{truth['protocol']:9s} {res['queries']:7d} {n_db:8d} {res['map']:7.4f} "
+    + " ".join(f"{res[f'recall@{k}']:6.3f}" for k in ks)
+  )
+
+
+if __name__ == "__main__":
+  # Flags exist only when run as a program, so the module stays importable next to others.
+  _INDEX = flags.DEFINE_string("index", None, "Index folder to evaluate.")
+  _TRUTH = flags.DEFINE_string(
+    "ground_truth", None, "Ground-truth JSON (read, or written by --convert_*)."
+  )
+  _CONVERT_OXFORD = flags.DEFINE_string(
+    "convert_oxford", None, "Folder of Oxford/Paris *_query/good/ok/junk.txt: write --ground_truth."
+  )
+  _CONVERT_HOLIDAYS = flags.DEFINE_string(
+    "convert_holidays", None, "Folder of Holidays images (NNNNNN.jpg): write --ground_truth."
+  )
+  _QUERIES = flags.DEFINE_enum(
+    "queries",
+    "index",
+    ["index", "extract"],
+    "Take query descriptors from the index or extract them.",
+  )
+  _IMAGES = flags.DEFINE_string(
+    "images", None, "Folder holding the query images (--queries=extract)."
+  )
+  _CROP = flags.DEFINE_bool(
+    "crop", False, "Crop query images to the ground truth's bbox (extract)."
+  )
+  _WEIGHTS = flags.DEFINE_string("weights", None, "Override the index's recorded weights folder.")
+  _K = flags.DEFINE_integer("k", 0, "Ranking depth; 0 ranks the whole index (exact AP).")
+  _KS = flags.DEFINE_list("recall_at", ["1", "10"], "Cut-offs of recall@k.")
+  _AP = flags.DEFINE_enum("ap", "trapezoid", list(metrics.AP_RULES), "AP rule.")
+  _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+  app.run(main)

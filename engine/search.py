@@ -1,0 +1,476 @@
+"""The brute-force top-k search kernel: pure, jit-compiled, mergeable and shardable.
+
+`topk(queries, matrix, k)` scores every row of `matrix` against every query and returns the k best
+per query. It is a pure function of fixed-shape arrays, so it composes with other JAX code, and its
+results merge: the top-k of a union is `merge_topk` of the per-part top-ks. That one property lets the
+same kernel serve a chunk of a memory-mapped segment (`engine.store.Index.search` streams chunks with a
+running merge), a whole in-RAM matrix, and a matrix sharded over a device mesh (`sharded_topk`).
+
+Scores are "higher is better" everywhere:
+  * `metric="cosine"`: the inner product of the L2-normalised query with the stored rows (rows are
+    expected to be L2-normalised already; the store normalises on `add`).
+  * `metric="l2"`: minus the squared euclidean distance, so the same max-top-k and merge apply.
+    Negate it to get distances.
+
+Storage dtypes: float32, float16, bfloat16 and int8 (symmetric, one float32 scale per row, passed as
+`scales`). Kernel choice per dtype and Q, from measurements on the project's 2-core AVX-512 CPU
+(jax 0.10.2; see `_choose_method` and bench/search.py):
+  * XLA sends a 2-D `sum(matrix.astype(f32) * q, axis=1)` to its YNNPACK fusion, which streams int8
+    at ~9 GB/s and bfloat16 at ~18 GB/s (about 10 G elements/s, one core); the same thing written
+    as a dot with one query, or as a 3-D broadcast, ran at 0.1-0.9 GB/s. Used for Q = 1.
+  * float32: the library matrix-vector / matrix product (28-40 GB/s at Q = 1, ~250 GFLOP/s).
+  * int8, Q > 1: int8 x int8 with int32 accumulation (~150-250 GFLOP/s; asking for a float32 result
+    instead drops to ~100, and the same with one query to 0.9 GB/s).
+  * bfloat16, Q > 1: the bf16 product with float32 accumulation (~100-150 GFLOP/s, no AMX seen).
+  * float16: no fast path exists (XLA's convert, the bit decode in `decode` and numpy all ran at
+    1-2 GB/s): prefer bfloat16 or int8.
+Plain XLA elementwise loops over the [Q, N] scores ran at about 1 GB/s, so scales, tombstones and
+filters are folded into one pass (a per-row scale and a per-row 0/-inf bias), a per-query int8 scale
+is applied after the selection, and the selection is an exact two-stage block-max top-k.
+
+Rows with `valid == False` (tombstones, filters, padding) never appear in the output. When fewer than
+k rows are valid, the missing columns hold score -inf and id -1.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+METRICS = ("cosine", "l2")
+# Row blocks for the exact two-stage selection: block maxima, top-k blocks, then top-k of their rows.
+_BLOCK = 128
+
+_DN = (((1,), (1,)), ((), ()))  # contract the feature axis of [Q, D] with [N, D]
+
+
+def _bits_to_f32(u32: jax.Array) -> jax.Array:
+  return lax.bitcast_convert_type(u32, jnp.float32)
+
+
+def decode(matrix: jax.Array) -> jax.Array:
+  """Widens a storage-dtype matrix to float32 (int8 without its scales).
+
+  Args:
+    matrix: [N, D] float32, float16, bfloat16 or int8.
+
+  Returns:
+    [N, D] float32, exact (every storage value is representable in float32).
+  """
+  dt = matrix.dtype
+  if dt == jnp.float32:
+    return matrix
+  if dt == jnp.bfloat16:
+    u = lax.bitcast_convert_type(matrix, jnp.uint16).astype(jnp.uint32)
+    return _bits_to_f32(u << 16)
+  if dt == jnp.float16:
+    # Rebias the exponent with integer ops (exact for normal halves); subnormal halves are
+    # mantissa * 2**-24, computed in float so a denormals-are-zero CPU mode cannot flush them.
+    u = lax.bitcast_convert_type(matrix, jnp.uint16).astype(jnp.uint32)
+    normal = _bits_to_f32(((u & 0x7FFF) << 13) + (112 << 23))
+    sub = (u & 0x3FF).astype(jnp.float32) * jnp.float32(2.0**-24)
+    mag = jnp.where((u & 0x7C00) == 0, sub, normal)
+    sign = (u & 0x8000) << 16
+    return _bits_to_f32(lax.bitcast_convert_type(mag, jnp.uint32) | sign)
+  if dt == jnp.int8:
+    return matrix.astype(jnp.float32)
+  raise TypeError(f"unsupported storage dtype {dt}")
+
+
+def _choose_method(q: int, dtype) -> str:
+  # Measured on the project's CPU (see bench/search.py): XLA's YNNPACK fusion runs the [N, D]
+  # convert-multiply-reduce at 9-19 GB/s for int8 and bfloat16 (the dot with Q=1 at 0.9-2 GB/s), the
+  # float32 matrix-vector product at 28-40 GB/s, the int8 x int8 product with int32 accumulation at
+  # ~150-250 GFLOP/s (with a float32 result: 0.1x that). float16 has no fast path at all.
+  if dtype == jnp.float32 or dtype == jnp.float16:
+    return "f32"
+  if q == 1:
+    return "reduce"
+  return "int8" if dtype == jnp.int8 else "bf16"
+
+
+def _quantize_queries(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+  amax = jnp.max(jnp.abs(q), axis=1, keepdims=True)
+  qscale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  return jnp.round(q / qscale).astype(jnp.int8), qscale
+
+
+def _widen(matrix: jax.Array) -> jax.Array:
+  # A plain convert keeps int8/bfloat16 inside the fast fused reduce; float16 needs the bit decode.
+  if matrix.dtype in (jnp.int8, jnp.bfloat16):
+    return matrix.astype(jnp.float32)
+  return decode(matrix)
+
+
+def inner_products(
+  queries: jax.Array,
+  matrix: jax.Array,
+  scales: jax.Array | None,
+  method: str,
+  row_bias: jax.Array | None = None,
+  defer_query_scale: bool = False,
+):
+  """[Q, D] float32 x [N, D] storage -> [Q, N] float32 inner products with the dequantised rows.
+
+  Methods: "reduce" streams the matrix once per query (2-D multiply-reduce; a 3-D broadcast form of
+  the same thing was 100x slower); "f32" widens to float32 and runs a float32 product; "bf16" (for a
+  bfloat16 matrix) rounds the queries to bf16 and runs the bf16 product with float32 accumulation
+  (scores carry the queries' rounding, ~1e-3); "bf16x2" splits each query into bf16 high and low
+  parts (two products, accurate to ~1e-5); "int8" quantises the queries to int8 (scores then carry the
+  queries' rounding error, ~1e-3) and runs the int8 x int8 product with int32 accumulation.
+  """
+  if method == "reduce":
+    if queries.shape[0] == 1:
+      s = jnp.sum(_widen(matrix) * queries[0], axis=1)[None]
+    else:
+      s = lax.map(lambda q: jnp.sum(_widen(matrix) * q, axis=1), queries)
+  elif method == "f32":
+    s = lax.dot_general(
+      queries,
+      _widen(matrix),
+      _DN,
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32,
+    )
+  elif method == "bf16":
+    if matrix.dtype != jnp.bfloat16:
+      raise ValueError("method='bf16' needs a bfloat16 matrix")
+    s = lax.dot_general(
+      queries.astype(jnp.bfloat16), matrix, _DN, preferred_element_type=jnp.float32
+    )
+  elif method == "bf16x2":
+    if matrix.dtype != jnp.bfloat16:
+      raise ValueError("method='bf16x2' needs a bfloat16 matrix")
+    hi = queries.astype(jnp.bfloat16)
+    lo = (queries - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    both = jnp.concatenate([hi, lo], axis=0)
+    s2 = lax.dot_general(both, matrix, _DN, preferred_element_type=jnp.float32)
+    s = s2[: queries.shape[0]] + s2[queries.shape[0] :]
+  elif method == "int8":
+    if matrix.dtype != jnp.int8:
+      raise ValueError("method='int8' needs an int8 matrix")
+    q8, qscale = _quantize_queries(queries)
+    s = lax.dot_general(q8, matrix, _DN, preferred_element_type=jnp.int32).astype(jnp.float32)
+  else:
+    raise ValueError(f"unknown method {method!r}")
+  # One elementwise pass over the [Q, N] scores: XLA's own (non-library) loops ran at only ~1 GB/s
+  # on this CPU, so every extra pass over the scores costs about as much as the product itself.
+  if scales is not None:
+    s = s * scales[None, :]
+  if row_bias is not None:
+    s = s + row_bias[None, :]
+  if method == "int8":
+    if defer_query_scale:
+      return s, qscale  # a positive per-query factor: apply it after the selection
+    s = s * qscale
+  return (s, None) if defer_query_scale else s
+
+
+def _sq_norms(matrix: jax.Array, scales: jax.Array | None) -> jax.Array:
+  x = _widen(matrix)
+  n = jnp.sum(x * x, axis=1)
+  if scales is not None:
+    n = n * (scales * scales)
+  return n
+
+
+def _select(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Exact top-k along the last axis; [Q, N] -> [Q, k] (k <= N)."""
+  q, n = scores.shape
+  nblocks = n // _BLOCK
+  if n % _BLOCK or nblocks < 4 * k:
+    return lax.top_k(scores, k)
+  # Every member of the top k lies in a block whose maximum is among the k largest block maxima, so
+  # the two-stage selection is exact; it reads the scores once instead of running top_k over all.
+  blocks = scores.reshape(q, nblocks, _BLOCK)
+  _, bi = lax.top_k(jnp.max(blocks, axis=-1), k)
+  cand = jnp.take_along_axis(blocks, bi[:, :, None], axis=1).reshape(q, k * _BLOCK)
+  v, j = lax.top_k(cand, k)
+  ids = jnp.take_along_axis(bi, j // _BLOCK, axis=1) * _BLOCK + j % _BLOCK
+  return v, ids
+
+
+def _pad_k(scores: jax.Array, ids: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  short = k - scores.shape[1]
+  if short <= 0:
+    return scores, ids
+  q = scores.shape[0]
+  return (
+    jnp.concatenate([scores, jnp.full((q, short), -jnp.inf, scores.dtype)], axis=1),
+    jnp.concatenate([ids, jnp.full((q, short), -1, ids.dtype)], axis=1),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("k", "metric", "method"))
+def topk(
+  queries: ArrayLike,
+  matrix: ArrayLike,
+  k: int,
+  *,
+  metric: str = "cosine",
+  scales: ArrayLike | None = None,
+  valid: ArrayLike | None = None,
+  method: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The k best rows of `matrix` for each query.
+
+  Args:
+    queries: [Q, D] float; normalised here for `metric="cosine"`.
+    matrix: [N, D] float32, float16, bfloat16 or int8 (rows L2-normalised for cosine).
+    k: number of results per query (static); may exceed N.
+    metric: "cosine" (inner product with the normalised query) or "l2" (minus squared distance).
+    scales: [N] float32 per-row scales of an int8 matrix (row = int8 * scale); None for floats.
+    valid: [N] bool, False for rows that must not be returned (tombstones, filters, padding).
+    method: "reduce", "f32", "bf16", "bf16x2" or "int8" (see `inner_products`); None picks the fastest
+      measured for Q and the dtype.
+
+  Returns:
+    scores: [Q, k] float32, best first (-inf where fewer than k rows are valid).
+    ids: [Q, k] int32 row numbers into `matrix` (-1 with a -inf score).
+  """
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+  queries = jnp.asarray(queries, jnp.float32)
+  matrix = jnp.asarray(matrix)
+  if queries.ndim != 2 or matrix.ndim != 2 or queries.shape[1] != matrix.shape[1]:
+    raise ValueError(f"shapes {queries.shape} and {matrix.shape}: expected [Q, D] and [N, D]")
+  if metric == "cosine":
+    norm = jnp.linalg.norm(queries, axis=1, keepdims=True)
+    queries = queries / jnp.where(norm > 0, norm, 1.0)
+  method = method or _choose_method(queries.shape[0], matrix.dtype)
+  n = matrix.shape[0]
+  if n == 0:
+    return _pad_k(
+      jnp.zeros((queries.shape[0], 0), jnp.float32), jnp.zeros((queries.shape[0], 0), jnp.int32), k
+    )
+  # Tombstones and filters become a per-row additive -inf, folded into the scores' single pass.
+  bias = None if valid is None else jnp.where(jnp.asarray(valid, bool), 0.0, -jnp.inf)
+  if metric == "l2":
+    s = inner_products(queries, matrix, scales, method)
+    qn = jnp.sum(queries * queries, axis=1, keepdims=True)
+    sq = _sq_norms(matrix, scales)
+    s = 2.0 * s - (sq if bias is None else sq - bias)[None, :] - qn
+    post = None
+  else:
+    s, post = inner_products(queries, matrix, scales, method, bias, defer_query_scale=True)
+  scores, ids = _select(s, min(k, n))
+  if post is not None:
+    scores = scores * post
+  ids = jnp.where(scores == -jnp.inf, -1, ids.astype(jnp.int32))
+  return _pad_k(scores, ids, k)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def merge_topk(
+  scores_a: ArrayLike, ids_a: ArrayLike, scores_b: ArrayLike, ids_b: ArrayLike, k: int
+) -> tuple[jax.Array, jax.Array]:
+  """Merges two top-k lists of the same queries: [Q, ka], [Q, kb] -> [Q, k], best first.
+
+  Ids must already be global (unique across the two parts); -1 ids carry -inf scores and sort last.
+  """
+  s = jnp.concatenate([jnp.asarray(scores_a), jnp.asarray(scores_b)], axis=1)
+  i = jnp.concatenate([jnp.asarray(ids_a), jnp.asarray(ids_b)], axis=1)
+  kk = min(k, s.shape[1])
+  v, j = lax.top_k(s, kk)
+  return _pad_k(v, jnp.take_along_axis(i, j, axis=1), k)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "metric", "method"))
+def scan_chunk(
+  queries: jax.Array,
+  matrix: jax.Array,
+  scales: jax.Array | None,
+  valid: jax.Array | None,
+  offset: jax.Array,
+  best_scores: jax.Array,
+  best_ids: jax.Array,
+  *,
+  k: int,
+  metric: str,
+  method: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """One step of a streamed search: top-k of a chunk, ids shifted by `offset`, merged into the best."""
+  s, i = topk(queries, matrix, k, metric=metric, scales=scales, valid=valid, method=method)
+  i = jnp.where(i >= 0, i + offset, -1)
+  return merge_topk(best_scores, best_ids, s, i, k)
+
+
+def empty_topk(q: int, k: int) -> tuple[jax.Array, jax.Array]:
+  """The identity of `merge_topk`: [Q, k] of -inf scores and -1 ids."""
+  return jnp.full((q, k), -jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32)
+
+
+def sharded_topk(
+  queries: ArrayLike,
+  matrix: jax.Array,
+  k: int,
+  *,
+  mesh: jax.sharding.Mesh,
+  axis: str | Sequence[str] = "rows",
+  metric: str = "cosine",
+  scales: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  method: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`topk` over a matrix whose rows are split across the devices of `mesh` along `axis`.
+
+  Each device scores its own rows and keeps a local top-k; the [Q, k] lists are all-gathered and
+  merged, so only Q * k * devices values cross devices. Queries are replicated.
+
+  Args:
+    queries: [Q, D] float.
+    matrix: [N, D], N divisible by the number of devices along `axis` (pad with `valid=False` rows).
+    k: results per query.
+    mesh: e.g. `jax.make_mesh((8,), ("rows",))`.
+    axis: the mesh axis (or axes) the rows are split over.
+    metric, scales, valid, method: as in `topk`.
+
+  Returns:
+    scores [Q, k] float32 and global ids [Q, k] int32, replicated on every device.
+  """
+  row_spec = P(axis, None)
+  vec_spec = P(axis)
+  args = [jnp.asarray(queries, jnp.float32), matrix]
+  specs = [P(), row_spec]
+  has_scales, has_valid = scales is not None, valid is not None
+  if has_scales:
+    args.append(scales)
+    specs.append(vec_spec)
+  if has_valid:
+    args.append(valid)
+    specs.append(vec_spec)
+  args[1:] = [
+    jax.device_put(a, NamedSharding(mesh, sp)) for a, sp in zip(args[1:], specs[1:], strict=True)
+  ]
+
+  fn = _sharded_fn(
+    mesh,
+    axis if isinstance(axis, str) else tuple(axis),
+    k,
+    metric,
+    method,
+    has_scales,
+    has_valid,
+    tuple(specs),
+  )
+  return fn(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_fn(mesh, axis, k, metric, method, has_scales, has_valid, specs):
+  def local(q, m, *rest):
+    rest = list(rest)
+    sc = rest.pop(0) if has_scales else None
+    va = rest.pop(0) if has_valid else None
+    s, i = topk(q, m, k, metric=metric, scales=sc, valid=va, method=method)
+    i = jnp.where(i >= 0, i + lax.axis_index(axis) * m.shape[0], -1)
+    all_s = lax.all_gather(s, axis, axis=1, tiled=True)
+    all_i = lax.all_gather(i, axis, axis=1, tiled=True)
+    v, j = lax.top_k(all_s, k)
+    return v, jnp.take_along_axis(all_i, j, axis=1)
+
+  return jax.jit(
+    jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False)
+  )
+
+
+def chunk_rows_for(q: int, chunk_rows: int | None = None) -> int:
+  """Default rows per kernel call: big chunks for one query (fewer calls), smaller ones for batches
+  so the [Q, rows] float32 scores stay around 32-64 MB."""
+  if chunk_rows:
+    return int(chunk_rows)
+  return 262144 if q <= 1 else 65536
+
+
+MIN_CHUNK_ROWS = 4096
+
+
+def host_aligned(array: np.ndarray, align: int = 64) -> np.ndarray:
+  """`array` itself if C-contiguous and `align`-byte aligned, else an aligned copy.
+
+  On CPU, `jax.device_put` of aligned host memory aliases it instead of copying (measured: 15 chunks
+  of 32 MB in 1 ms versus 270 ms with `jnp.asarray`); numpy's own allocations are only 16-byte
+  aligned, memory maps of .npy files are page + 128-byte aligned.
+  """
+  if array.flags.c_contiguous and array.ctypes.data % align == 0:
+    return array
+  buf = np.empty(array.nbytes + align, np.uint8)
+  off = (-buf.ctypes.data) % align
+  out = buf[off : off + array.nbytes].view(array.dtype).reshape(array.shape)
+  out[...] = array
+  return out
+
+
+def plan_chunks(n: int, chunk_rows: int) -> list[tuple[int, int, int]]:
+  """Splits n rows into kernel calls: [(start, rows, padded_rows)].
+
+  Full chunks of `chunk_rows`, then the tail as descending powers of two down to MIN_CHUNK_ROWS, all
+  passed without a copy; only the last < MIN_CHUNK_ROWS rows are copied into a padded buffer. So a
+  search compiles at most log2(chunk_rows / MIN_CHUNK_ROWS) + 1 shapes and never copies a segment.
+  """
+  out = []
+  start = 0
+  while n - start >= chunk_rows:
+    out.append((start, chunk_rows, chunk_rows))
+    start += chunk_rows
+  size = chunk_rows // 2
+  while size >= MIN_CHUNK_ROWS:
+    if n - start >= size:
+      out.append((start, size, size))
+      start += size
+    size //= 2
+  if n - start > 0:
+    rest = n - start
+    out.append((start, rest, max(1 << (rest - 1).bit_length(), min(MIN_CHUNK_ROWS, 1024))))
+  return out
+
+
+def chunked_topk(
+  queries: ArrayLike,
+  matrix,
+  k: int,
+  *,
+  metric: str = "cosine",
+  scales=None,
+  valid=None,
+  chunk_rows: int | None = None,
+  method: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`topk` over a host matrix (numpy or memory-mapped) streamed in fixed-size chunks.
+
+  Full chunks are handed to the kernel without a copy (`jax.device_put` aliases 64-byte-aligned host
+  memory on CPU, where `jnp.asarray` copies); the tail is zero-padded to the same shape and masked,
+  so one compiled program serves every chunk. Peak extra memory is one chunk of scores.
+
+  Returns:
+    scores [Q, k] float32 and ids [Q, k] int32 as `topk` (ids index rows of `matrix`).
+  """
+  q = jnp.asarray(queries, jnp.float32)
+  n, d = matrix.shape
+  best = empty_topk(q.shape[0], k)
+  for start, rows, padded in plan_chunks(n, chunk_rows_for(q.shape[0], chunk_rows)):
+    stop = start + rows
+    m = matrix[start:stop]
+    sc = None if scales is None else scales[start:stop]
+    va = np.ones(rows, bool) if valid is None else np.asarray(valid[start:stop], bool)
+    if padded > rows:
+      m = np.concatenate([np.asarray(m), np.zeros((padded - rows, d), m.dtype)])
+      sc = (
+        None
+        if sc is None
+        else np.concatenate([np.asarray(sc), np.zeros(padded - rows, np.float32)])
+      )
+      va = np.concatenate([va, np.zeros(padded - rows, bool)])
+    m = jax.device_put(m)
+    sc = None if sc is None else jax.device_put(sc)
+    va = None if va.all() else va  # the no-mask variant is faster (bfloat16: 10x at Q = 1)
+    best = scan_chunk(q, m, sc, va, np.int32(start), *best, k=k, metric=metric, method=method)
+  return best

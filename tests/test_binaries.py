@@ -1,0 +1,206 @@
+"""End to end: the binaries as a user runs them, as subprocesses on a temporary photo folder."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import shared_data_or_skip, write_image
+
+from engine import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--weights=random:5", "--config=tiny", "--image_size=64", "--batch_size=4"]
+
+
+def run(module, *args, ok=True):
+  env = {**os.environ, "VGG_RETRIEVAL_CACHE": "/nonexistent-cache"}
+  proc = subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  if ok:
+    assert proc.returncode == 0, f"{module} {args} failed:\n{proc.stdout}\n{proc.stderr}"
+  else:
+    assert proc.returncode != 0, f"{module} {args} should have failed:\n{proc.stdout}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+  return proc
+
+
+def _summary(proc):
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("indexed ")][-1]
+  words = line.replace(",", "").split()
+  return {words[i]: int(words[i + 1]) for i in range(0, 8, 2)}
+
+
+class _Html(html.parser.HTMLParser):
+  def __init__(self):
+    super().__init__()
+    self.text, self.tags, self.imgs = [], [], 0
+
+  def handle_starttag(self, tag, attrs):
+    self.tags.append(tag)
+    self.imgs += tag == "img"
+
+  def handle_data(self, data):
+    self.text.append(data)
+
+
+def write_scene(path, seed, size=(96, 80)):
+  """A distinct synthetic photo (random noise images all look alike to a random network)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  sample.scene(np.random.default_rng(seed), *size).save(path)
+
+
+@pytest.fixture
+def photos(tmp_path):
+  folder = tmp_path / "photos"
+  for i in range(6):
+    write_scene(folder / f"p{i}.jpg", seed=100 + i)
+  write_scene(folder / "nested" / "deep.png", seed=200, size=(80, 96))
+  (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  (folder / "readme.txt").write_text("not an image")
+  return folder
+
+
+def test_index_reindex_add_change_prune_query_dedup(tmp_path, photos):
+  index = str(tmp_path / "idx")
+  first = run("engine.index", f"--images={photos}", f"--index={index}", *TINY)
+  assert _summary(first) == {"indexed": 7, "unchanged": 0, "failed": 1, "pruned": 0}
+  assert "corrupt.jpg" in first.stdout and "RANDOM" in first.stdout
+  failures = (tmp_path / "idx" / "last_run_failures.tsv").read_text()
+  assert "corrupt.jpg\t" in failures
+
+  again = run("engine.index", f"--images={photos}", f"--index={index}", *TINY)
+  assert _summary(again)["indexed"] == 0 and _summary(again)["unchanged"] == 7
+
+  shutil.copy(photos / "p0.jpg", photos / "copy_of_p0.jpg")
+  os.utime(photos / "p1.jpg")  # touched, same content: not re-extracted
+  write_scene(photos / "p2.jpg", seed=999)  # new content
+  third = run("engine.index", f"--images={photos}", f"--index={index}", *TINY)
+  assert _summary(third)["indexed"] == 2 and _summary(third)["unchanged"] == 6
+
+  os.remove(photos / "p3.jpg")
+  fourth = run("engine.index", f"--images={photos}", f"--index={index}", "--prune", *TINY)
+  assert _summary(fourth)["pruned"] == 1
+
+  q = run(
+    "engine.query",
+    f"--index={index}",
+    f"--query={photos / 'p0.jpg'}",
+    "--k=3",
+    "--format=json",
+    f"--html={tmp_path / 'r.html'}",
+  )
+  out = json.loads(q.stdout)
+  matches = out["results"][0]["matches"]
+  assert {matches[0]["key"], matches[1]["key"]} == {
+    str(photos / "p0.jpg"),
+    str(photos / "copy_of_p0.jpg"),
+  }
+  assert matches[0]["score"] > 0.99 and len(matches) == 3
+  assert all(str(photos / "p3.jpg") != m["key"] for m in matches)
+  page = _Html()
+  page.feed((tmp_path / "r.html").read_text())
+  assert page.imgs == 4  # the query and its three matches
+  for m in matches:
+    assert any(os.path.basename(m["key"]) in t for t in page.text)
+
+  text = run("engine.query", f"--index={index}", f"--query={photos}", "--k=2")
+  assert text.stdout.count("query: ") == 7  # every decodable photo left, corrupt one skipped
+  assert "corrupt.jpg" in text.stderr
+
+  d = run("engine.dedup", f"--index={index}", "--threshold=0.999", "--format=json")
+  groups = json.loads(d.stdout)["groups"]
+  assert [sorted(m["key"] for m in g) for g in groups] == [
+    sorted([str(photos / "p0.jpg"), str(photos / "copy_of_p0.jpg")])
+  ]
+
+
+def test_html_escapes_file_names(tmp_path):
+  folder = tmp_path / "evil"
+  write_image(folder / "<script>alert(1)</script>.jpg", seed=1)
+  write_image(folder / "b&q.jpg", seed=2)
+  index = str(tmp_path / "idx")
+  run("engine.index", f"--images={folder}", f"--index={index}", *TINY)
+  run("engine.query", f"--index={index}", f"--query={folder}", "--k=2", f"--html={tmp_path}/r.html")
+  page = (tmp_path / "r.html").read_text()
+  assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;.jpg" in page
+  parsed = _Html()
+  parsed.feed(page)
+  assert "script" not in parsed.tags
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, photos):
+  index = str(tmp_path / "idx")
+  run("engine.index", f"--images={photos}", f"--index={index}", *TINY)
+  query = str(photos / "p0.jpg")
+  for args in (["--k=0"], ["--k=100"]):
+    p = run("engine.query", f"--index={index}", f"--query={query}", *args, ok=False)
+    assert "k" in p.stderr
+  p = run("engine.query", f"--index={tmp_path / 'missing'}", f"--query={query}", ok=False)
+  assert "no index" in p.stderr
+  p = run(
+    "engine.query", f"--index={index}", f"--query={photos / 'corrupt.jpg'}", "--k=1", ok=False
+  )
+  assert "decod" in p.stderr
+  p = run("engine.index", f"--images={photos}", f"--index={index}", "--weights=/no/such", ok=False)
+  assert "does not exist" in p.stderr
+  p = run(
+    "engine.index", f"--images={photos}", f"--index={index}", "--descriptor=mac", *TINY, ok=False
+  )
+  assert "different extractor" in p.stderr and "descriptor" in p.stderr
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  p = run("engine.index", f"--images={empty}", f"--index={tmp_path / 'idx2'}", *TINY, ok=False)
+  assert "no images" in p.stderr
+  p = run("engine.index", "--images=/no/such/folder", f"--index={tmp_path / 'i3'}", *TINY, ok=False)
+  assert "no such" in p.stderr
+  p = run("engine.index", f"--index={index}", ok=False)
+  assert "images" in p.stderr
+
+
+def test_extract_writes_features_and_paths(tmp_path, photos):
+  out = tmp_path / "feats"
+  run("engine.extract", f"--images={photos}", f"--output={out}", "--layer=fc2", *TINY)
+  feats = np.load(out / "features.npy")
+  paths = (out / "paths.txt").read_text().splitlines()
+  assert feats.shape == (7, 32) and len(paths) == 7 and feats.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1, rtol=1e-5)
+  assert "corrupt.jpg" in (out / "errors.txt").read_text()
+
+
+def test_shared_photos_transformed_copies_rank_above_unrelated(tmp_path):
+  """The flip, resize and rotation of a real photo come back above every unrelated photo."""
+  data = shared_data_or_skip()
+  photos = tmp_path / "photos"
+  shutil.copytree(data / "base_images", photos / "base")
+  for name in ["ukbench00120_hflip.jpg", "ukbench00120_resize.jpg", "ukbench00120_rotation.jpg"]:
+    shutil.copy(data / "mixed_images" / name, photos / name)
+  index = str(tmp_path / "idx")
+  args = ["--weights=random", "--descriptor=gem", "--image_size=224", "--batch_size=8"]
+  run("engine.index", f"--images={photos}", f"--index={index}", *args)
+  q = run(
+    "engine.query",
+    f"--index={index}",
+    f"--query={photos / 'base' / 'ukbench00120.jpg'}",
+    "--k=13",
+    "--format=json",
+  )
+  keys = [os.path.basename(m["key"]) for m in json.loads(q.stdout)["results"][0]["matches"]]
+  assert keys[0] == "ukbench00120.jpg"
+  assert set(keys[1:4]) == {
+    "ukbench00120_hflip.jpg",
+    "ukbench00120_resize.jpg",
+    "ukbench00120_rotation.jpg",
+  }, keys
