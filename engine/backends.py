@@ -42,8 +42,10 @@ def is_x86() -> bool:
 
 
 def available() -> bool:
-  """Whether the OpenVINO backend can run here: OpenVINO is installed and the CPU is x86."""
-  return is_x86() and importlib.util.find_spec("openvino") is not None
+  """Whether the OpenVINO backend can run here: x86 CPU, OpenVINO and the exporter installed."""
+  return is_x86() and all(
+    importlib.util.find_spec(m) is not None for m in ("openvino", "jax2onnx", "onnx")
+  )
 
 
 def resolve(backend: str) -> str:

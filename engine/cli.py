@@ -12,7 +12,7 @@ import sys
 import numpy as np
 from absl import flags, logging
 
-from engine import checkpoint, images, walk
+from engine import backends, checkpoint, images, walk
 from engine.descriptors import DESCRIPTORS, Descriptor
 from engine.errors import UserError
 from engine.extractor import PRECISIONS, Extractor
@@ -56,6 +56,14 @@ def define_extractor_flags() -> None:
   )
   flags.DEFINE_float("gem_p", 3.0, "GeM exponent.")
   flags.DEFINE_integer("workers", None, "Image decoding threads (default: CPU count, max 8).")
+  flags.DEFINE_enum(
+    "backend",
+    "auto",
+    list(backends.BACKENDS),
+    "Extraction backend: xla (jit), openvino (the same model exported to ONNX, compiled by "
+    "OpenVINO: the fast path on x86 CPUs; pip install .[cpu]), or auto (openvino where "
+    "installed on an x86 CPU, else xla).",
+  )
 
 
 def find_cached_weights() -> str | None:
@@ -124,7 +132,9 @@ def extractor_for_index(index_path: str, descriptor: str | None = None) -> Extra
     check_compatible(meta, ex)
     return ex
   weights = None if f["weights"].using_default_value else resolve_weights(f.weights)
-  return Extractor.from_index_metadata(meta, weights, batch_size=f.batch_size, workers=f.workers)
+  return Extractor.from_index_metadata(
+    meta, weights, batch_size=f.batch_size, workers=f.workers, backend=f.backend
+  )
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engine import checkpoint, descriptors, images
+from engine import backends, checkpoint, descriptors, images
 from engine.descriptors import Descriptor, Whitening
 from engine.preprocess import Preprocessing, normalize
 
@@ -67,6 +67,9 @@ class Extractor:
     config: model preset used with random weights (`vgg16`, `tiny`).
     whitening: optional PCA whitening applied after the descriptor.
     workers: decoding threads.
+    backend: `xla` (jit, any device), `openvino` (the same model exported to ONNX and compiled by
+      OpenVINO's CPU plugin: the fast path on x86 CPUs) or `auto` (OpenVINO where installed on an
+      x86 CPU host, XLA otherwise).
   """
 
   def __init__(
@@ -81,6 +84,7 @@ class Extractor:
     config: str = "vgg16",
     whitening: Whitening | None = None,
     workers: int | None = None,
+    backend: str = "xla",
   ):
     if isinstance(descriptor, str):
       descriptor = Descriptor(descriptor)
@@ -117,6 +121,8 @@ class Extractor:
     self.whitening = whitening
     self.workers = workers or min(8, os.cpu_count() or 2)
     self._graphdef, self._state = nnx.split(model)
+    self.backend = backends.resolve(backend)
+    self._openvino = backends.OpenVINOExtraction(self) if self.backend == "openvino" else None
 
   @property
   def dim(self) -> int:
@@ -162,9 +168,13 @@ class Extractor:
 
   def compiled_shapes(self) -> int:
     """Number of compiled variants of the extraction function (for recompilation checks)."""
+    if self._openvino is not None:
+      return self._openvino.compiled_shapes()
     return _extract._cache_size()
 
-  def _run(self, batch_bhw3: np.ndarray) -> jax.Array:
+  def _run(self, batch_bhw3: np.ndarray) -> jax.Array | np.ndarray:
+    if self._openvino is not None:
+      return self._openvino(batch_bhw3)
     return _extract(
       self._graphdef,
       self._state,
@@ -266,11 +276,17 @@ class IncompatibleExtractorError(ValueError):
   """Features from this extractor cannot be compared with the index's."""
 
 
+# Recorded in the index but not compared: the OpenVINO fp32 path agrees with XLA's to ~1e-6
+# (tests/test_openvino.py); a change of precision is still refused.
+_RECORDED_ONLY = frozenset({"backend"})
+
+
 def check_compatible(meta: dict, extractor: Extractor) -> None:
   """Raises IncompatibleExtractorError naming every setting that differs from the index's."""
   want = meta.get("extractor") or {}
   have = extractor.fingerprint()
-  diffs = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+  keys = (set(want) | set(have)) - _RECORDED_ONLY
+  diffs = [k for k in sorted(keys) if want.get(k) != have.get(k)]
   if diffs:
     detail = "; ".join(f"{k}: index {want.get(k)!r}, now {have.get(k)!r}" for k in diffs)
     raise IncompatibleExtractorError(

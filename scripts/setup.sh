@@ -11,4 +11,5 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-python -m pip install -q -e "$spec"
+# Versions the project is tested with (scripts/constraints.txt).
+python -m pip install -q -c scripts/constraints.txt -e "$spec"

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,12 +16,13 @@ from conftest import shared_data_or_skip, write_image
 
 from engine import sample
 
+CACHE = tempfile.mkdtemp(prefix="vgg-retrieval-test-cache-")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--weights=random:5", "--config=tiny", "--image_size=64", "--batch_size=4"]
+TINY = ["--weights=random:5", "--config=tiny", "--image_size=64", "--batch_size=4", "--backend=xla"]
 
 
 def run(module, *args, ok=True):
-  env = {**os.environ, "VGG_RETRIEVAL_CACHE": "/nonexistent-cache"}
+  env = {**os.environ, "VGG_RETRIEVAL_CACHE": CACHE}
   proc = subprocess.run(
     [sys.executable, "-m", module, *args],
     cwd=ROOT,

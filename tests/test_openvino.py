@@ -115,3 +115,25 @@ def test_drop_in_for_the_xla_call_in_the_extractor(tiny_weights, cache):
   assert got.shape == (5, xla.dim)
   assert _rel(got, want) <= 1e-5
   assert ov._run.compiled_shapes() == 2
+
+
+def test_same_top1_as_xla_on_the_shared_photos(cache, monkeypatch):
+  """End to end on real photos: OpenVINO bf16 retrieves what XLA fp32 retrieves."""
+  from conftest import shared_data_or_skip
+
+  data = shared_data_or_skip()
+  monkeypatch.setenv("VGG_RETRIEVAL_CACHE", cache)
+  base = sorted(str(p) for p in (data / "base_images").iterdir())
+  copies = [
+    str(data / "mixed_images" / f"ukbench00120_{t}.jpg") for t in ("hflip", "resize", "rotation")
+  ]
+  queries = base + copies
+  top1 = {}
+  for backend, precision in (("xla", "fp32"), ("openvino", "bf16")):
+    ex = Extractor(
+      "random:7", "gem", image_size=224, batch_size=4, backend=backend, precision=precision
+    )
+    db = ex(base)
+    top1[backend] = [base[i] for i in np.argmax(ex(queries) @ db.T, axis=1)]
+  assert top1["openvino"] == top1["xla"]
+  assert top1["xla"][: len(base)] == base  # every photo finds itself
