@@ -138,6 +138,7 @@ def main(argv):
       batch_size=_BATCH.value,
       precision=_PRECISION.value,
       config=config,
+      backend=_BACKEND.value,
     )
     rows, compile_s = measure(
       paths, extractor, _DTYPE.value, _RUNS.value, _MODEL_RUNS.value, workdir
@@ -189,6 +190,7 @@ if __name__ == "__main__":
   _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per device call.")
   _PRECISION = flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "Compute precision.")
   _CONFIG = flags.DEFINE_enum("config", "vgg16", ["vgg16", "tiny"], "Model preset.")
+  _BACKEND = flags.DEFINE_enum("backend", "xla", ["xla", "openvino", "auto"], "Extraction backend.")
   _SMALL = flags.DEFINE_bool("small", False, "Quick check: tiny model, 24 images.")
   _RUNS = flags.DEFINE_integer("runs", 3, "Timed runs of the light stages (median).")
   _MODEL_RUNS = flags.DEFINE_integer("model_runs", 1, "Timed runs of the model stages (median).")

@@ -128,7 +128,8 @@ def extractor_for_index(index_path: str, descriptor: str | None = None) -> Extra
   settings = ["config", "precision", "resize", "image_size", "gem_p", "descriptor"]
   explicit = [n for n in settings if n in f and not f[n].using_default_value]
   if explicit:
-    ex = make_extractor(f.descriptor if "descriptor" in f else descriptor)
+    recorded = meta.get("extractor", {}).get("descriptor", {}).get("name")
+    ex = make_extractor(f.descriptor if "descriptor" in f else (descriptor or recorded))
     check_compatible(meta, ex)
     return ex
   weights = None if f["weights"].using_default_value else resolve_weights(f.weights)

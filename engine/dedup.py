@@ -24,11 +24,13 @@ flags.mark_flag_as_required("index")
 
 
 def main(argv):
+  # File names that are not UTF-8 print as \udcXX escapes (also valid inside JSON strings).
+  sys.stdout.reconfigure(errors="backslashreplace")
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not -1.0 <= _THRESHOLD.value <= 1.0:
-    raise app.UsageError(f"--threshold must be in [-1, 1], got {_THRESHOLD.value}")
   with cli.user_errors():
+    if not -1.0 <= _THRESHOLD.value <= 1.0:
+      raise cli.UserError(f"--threshold must be in [-1, 1], got {_THRESHOLD.value}")
     if not store.exists(_INDEX.value):
       raise cli.UserError(f"no index at {_INDEX.value}")
     with store.Index.open(_INDEX.value, readonly=True) as idx:

@@ -57,6 +57,17 @@ def _open(path: str | os.PathLike) -> Image.Image:
   return img
 
 
+def probe(path: str | os.PathLike) -> str | None:
+  """None when the file opens as an image within the size limit (header only), else the reason."""
+  try:
+    _open(path).close()
+  except ImageError as e:
+    return str(e)
+  except Exception as e:  # noqa: BLE001 - any failure means "not an image we can read"
+    return f"cannot open: {e}"
+  return None
+
+
 def sniff(path: str | os.PathLike) -> bool:
   """True when the file's content is an image Pillow can decode (reads the header only)."""
   try:

@@ -12,6 +12,8 @@ Exit code 0 when the run finished (even with skipped files), 1 when nothing coul
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 
 from engine import cli, indexer, store
@@ -34,6 +36,8 @@ flags.mark_flags_as_required(["images", "index"])
 
 
 def main(argv):
+  # File names that are not UTF-8 print as \udcXX escapes (also valid inside JSON strings).
+  sys.stdout.reconfigure(errors="backslashreplace")
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():

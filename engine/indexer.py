@@ -19,7 +19,7 @@ import numpy as np
 
 from engine import store, walk
 from engine.extractor import Extractor, check_compatible
-from engine.fileio import atomic_write_text
+from engine.fileio import atomic_write
 
 
 @dataclasses.dataclass
@@ -235,8 +235,9 @@ def index_folder(
     idx.close()
     report.seconds = time.monotonic() - t0
     report_path = report_path or os.path.join(index_path, "last_run_failures.tsv")
-    try:
-      atomic_write_text(report_path, "".join(f"{p}\t{r}\n" for p, r in report.failed))
+    text = "".join(f"{p}\t{r}\n" for p, r in report.failed)
+    try:  # file names that are not UTF-8 are written as their original bytes
+      atomic_write(report_path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
     except OSError:
       pass
   return report

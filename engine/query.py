@@ -28,11 +28,13 @@ flags.mark_flags_as_required(["index", "query"])
 
 
 def main(argv):
+  # File names that are not UTF-8 print as \udcXX escapes (also valid inside JSON strings).
+  sys.stdout.reconfigure(errors="backslashreplace")
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _K.value <= 0:
-    raise app.UsageError(f"--k must be positive, got {_K.value}")
   with cli.user_errors():
+    if _K.value <= 0:
+      raise cli.UserError(f"--k must be positive, got {_K.value}")
     extractor = cli.extractor_for_index(_INDEX.value)
     results = retrieve.query_index(
       _INDEX.value, _QUERY.value, extractor, k=_K.value, min_score=_MIN_SCORE.value

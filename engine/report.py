@@ -11,7 +11,7 @@ import os
 from PIL import Image, ImageOps
 
 from engine import images
-from engine.fileio import atomic_write_text
+from engine.fileio import atomic_write
 
 THUMB_SIDE = 160
 
@@ -90,4 +90,6 @@ def render(title: str, rows: list[Row], note: str | None = None) -> str:
 
 
 def write(path: str, title: str, rows: list[Row], note: str | None = None) -> None:
-  atomic_write_text(path, render(title, rows, note))
+  # A file name that is not UTF-8 shows its odd bytes as \udcXX escapes.
+  text = render(title, rows, note).encode("utf-8", "backslashreplace")
+  atomic_write(path, lambda f: f.write(text))

@@ -24,11 +24,27 @@ the last committed state.
 
 Checks on open: the manifest's version, dim and dtype, every listed file's presence, its npy header
 (dtype, shape == manifest rows) and its exact byte size (so a truncated file is always caught), and
-that the catalog holds exactly one row per segment row. These are cheap. The sha256 of each file is
+that the catalog holds exactly one row per segment row, and a sha256 of 64 rows spread over each file
+(`sample_sha256`: catches a swapped or badly damaged file, and any flip in a segment of at most 64
+rows). These are cheap. The sha256 of each file is
 recorded at write time but verified only with `Index.open(..., verify=True)` or `Index.verify()`:
 hashing reads every byte (about 0.5 s per 512 MB segment, more from a cold disk), which would make
 every open of a multi-gigabyte index slow, while silent bit rot inside a correctly sized file is
-rare; run `verify` after copying an index or from a periodic job.
+rare; run `verify` after copying an index or from a periodic job. Search still refuses to return
+an impossible score (non-finite, or beyond [-1, 1] on a normalising cosine index): damage large
+enough to make garbage scores is reported as IndexCorruptError naming the segment file.
+
+Each segment entry also records `keys_sha256`, a digest of its keys in row order, checked on every
+open (the keys are read then anyway): a damaged or swapped catalog page that still parses cannot
+silently rename a row. A catalog holding generations more than one ahead of the manifest means the
+manifest was replaced by an older copy (a crash leaves at most one): that is refused, not rolled
+back. Keys are any str; those that are not valid UTF-8 (file names decoded with surrogateescape)
+are stored as BLOBs of their original bytes.
+
+Fault injection (a test hook, no cost when unset): `VGG_RETRIEVAL_FAULT=POINT:N` SIGKILLs the
+process the N-th time it reaches POINT, one of `segment_write` (a segment temp file, partly
+written), `segment_file` (one segment file renamed into place), `catalog` (catalog transaction
+committed, manifest not replaced) and `manifest` (manifest replaced, in-memory state not updated).
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -66,6 +83,50 @@ _IN_MEMORY = {
 _SEGMENT_RE = re.compile(r"^seg-(\d{6,})$")
 DEFAULT_CHUNK_ROWS = 65536
 _QUERY_BATCH = 256
+_SAMPLE_ROWS = 64
+FAULT_ENV = "VGG_RETRIEVAL_FAULT"
+FAULT_POINTS = ("segment_write", "segment_file", "catalog", "manifest")
+
+
+def _parse_fault(spec: str | None) -> list | None:
+  if not spec:
+    return None
+  point, _, n = spec.partition(":")
+  if point not in FAULT_POINTS:
+    raise ValueError(f"${FAULT_ENV}: unknown point {point!r}, expected one of {FAULT_POINTS}")
+  return [point, int(n or 1)]
+
+
+_FAULT = _parse_fault(os.environ.get(FAULT_ENV))
+
+
+def _fault(point: str) -> None:
+  """Test hook: SIGKILLs this process at the N-th arrival at `point` (see the module docstring)."""
+  if _FAULT is None or _FAULT[0] != point:
+    return
+  _FAULT[1] -= 1
+  if _FAULT[1] <= 0:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _db_key(key: str) -> str | bytes:
+  """A key as stored in the catalog: TEXT, or the original bytes of a non-UTF-8 file name."""
+  try:
+    key.encode("utf-8")
+    return key
+  except UnicodeEncodeError:
+    return key.encode("utf-8", "surrogateescape")
+
+
+def _py_key(value: str | bytes) -> str:
+  return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _keys_digest(keys: Iterable[str]) -> str:
+  h = hashlib.sha256()
+  for k in keys:
+    h.update(k.encode("utf-8", "surrogatepass") + b"\0")
+  return h.hexdigest()
 
 
 class StoreError(Exception):
@@ -148,7 +209,9 @@ class _HashingWriter:
   def write(self, b) -> int:
     self.sha.update(b)
     self.size += len(memoryview(b).cast("B"))
-    return self._f.write(b)
+    n = self._f.write(b)
+    _fault("segment_write")
+    return n
 
 
 def _write_npy(path: str, array: np.ndarray) -> dict:
@@ -161,7 +224,15 @@ def _write_npy(path: str, array: np.ndarray) -> dict:
     out.update(bytes=w.size, sha256=w.sha.hexdigest())
 
   fileio.atomic_write(path, write)
-  return {"file": os.path.basename(path), **out}
+  _fault("segment_file")
+  return {"file": os.path.basename(path), **out, "sample_sha256": _sample_digest(array)}
+
+
+def _sample_digest(array: np.ndarray) -> str:
+  """sha256 of up to _SAMPLE_ROWS rows spread over the array: cheap enough for every open."""
+  n = array.shape[0]
+  rows = np.unique(np.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).astype(np.int64)) if n else []
+  return hashlib.sha256(np.ascontiguousarray(array[rows]).tobytes()).hexdigest()
 
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -304,7 +375,23 @@ class Index:
       ) from None
     self._lock_fd = fd
 
+  @contextlib.contextmanager
+  def _catalog_errors(self):
+    """sqlite3 errors -> StoreError naming the catalog (IndexCorruptError for a damaged one)."""
+    try:
+      yield
+    except sqlite3.OperationalError as e:  # locked, disk full, read-only folder, I/O error
+      raise StoreError(f"catalog {os.path.join(self.path, CATALOG)}: {e}") from None
+    except sqlite3.DatabaseError as e:  # not a database, malformed
+      raise IndexCorruptError(
+        f"catalog {os.path.join(self.path, CATALOG)} is damaged: {e}"
+      ) from None
+
   def _connect(self) -> None:
+    with self._catalog_errors():
+      self._connect_db()
+
+  def _connect_db(self) -> None:
     db_path = os.path.join(self.path, CATALOG)
     if self.readonly:
       if not os.path.exists(db_path):
@@ -362,13 +449,24 @@ class Index:
     return m
 
   def _load(self, verify: bool) -> None:
+    with self._catalog_errors():
+      self._load_checked(verify)
+
+  def _load_checked(self, verify: bool) -> None:
     self._manifest = self._read_manifest()
     if self._db is None:
       self._connect()
-    if not self.readonly:
-      self._recover()
     m = self._manifest
     dtype, gen = m["dtype"], m["generation"]
+    newest = self._db.execute("SELECT MAX(added_gen), MAX(deleted_gen) FROM rows").fetchone()
+    newest = max((g for g in newest if g is not None), default=0)
+    if newest > gen + 1:  # a crash leaves at most one generation ahead
+      raise IndexCorruptError(
+        f"manifest {os.path.join(self.path, MANIFEST)} (generation {gen}) is older than catalog "
+        f"{os.path.join(self.path, CATALOG)} (generation {newest}): restore the matching manifest"
+      )
+    if not self.readonly:
+      self._recover()
     segments = []
     base = 0
     for seg in m["segments"]:
@@ -394,12 +492,17 @@ class Index:
             f"catalog {os.path.join(self.path, CATALOG)}: bad row {row} for segment {name}"
           )
         seen[row] = True
-        keys[row] = key
+        keys[row] = _py_key(key)
         deleted[row] = dgen is not None and dgen <= gen
       if not seen.all():
         raise IndexCorruptError(
           f"catalog {os.path.join(self.path, CATALOG)} lacks {int((~seen).sum())} rows of "
           f"segment {name} ({seg['files']['vectors']['file']})"
+        )
+      if "keys_sha256" in seg and _keys_digest(keys) != seg["keys_sha256"]:
+        raise IndexCorruptError(
+          f"catalog {os.path.join(self.path, CATALOG)}: the keys of segment {name} fail their "
+          "checksum (damaged catalog)"
         )
       segments.append(
         _Segment(
@@ -440,7 +543,12 @@ class Index:
       raise IndexCorruptError(f"segment file {fpath} fails its sha256 checksum")
     if want_shape[0] == 0:
       return np.zeros(want_shape, want_dtype)
-    return np.load(fpath, mmap_mode="r")
+    arr = np.load(fpath, mmap_mode="r")
+    if "sample_sha256" in info and _sample_digest(arr) != info["sample_sha256"]:
+      raise IndexCorruptError(
+        f"segment file {fpath} fails its sample checksum (damaged or replaced by another file)"
+      )
+    return arr
 
   def _recover(self) -> None:
     """Undoes every trace of an interrupted commit (writer only)."""
@@ -458,7 +566,8 @@ class Index:
       db.execute("UPDATE rows SET deleted_gen = NULL WHERE deleted_gen > ?", (gen,))
       db.execute("COMMIT")
     except BaseException:
-      db.execute("ROLLBACK")
+      with contextlib.suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
       raise
     keep = {MANIFEST, CATALOG, CATALOG + "-wal", CATALOG + "-shm", CATALOG + "-journal", LOCK}
     for seg in m["segments"]:
@@ -540,9 +649,10 @@ class Index:
     if grow is None:
       return None
     seg, row = self._locate(grow)
-    r = self._db.execute(
-      "SELECT sha256, size, mtime_ns FROM rows WHERE segment = ? AND row = ?", (seg.name, row)
-    ).fetchone()
+    with self._catalog_errors():
+      r = self._db.execute(
+        "SELECT sha256, size, mtime_ns FROM rows WHERE segment = ? AND row = ?", (seg.name, row)
+      ).fetchone()
     return FileStat(*r) if r else None
 
   def _dequantize(self, seg: _Segment, rows: np.ndarray | slice) -> np.ndarray:
@@ -633,6 +743,7 @@ class Index:
     m["segments"] = [s for s in m["segments"] if s["name"] not in drop] + new_segments
     m["generation"] = self._manifest["generation"] + 1
     fileio.atomic_write_json(os.path.join(self.path, MANIFEST), m)  # the commit point
+    _fault("manifest")
     self._manifest = m
 
   def add(
@@ -665,7 +776,11 @@ class Index:
       return
     if self._manifest["normalize"]:
       x = _normalize_rows(x)
-    with self._commit_guard():
+    try:
+      [k.encode("utf-8", "surrogateescape") for k in keys]
+    except UnicodeEncodeError as e:
+      raise ValueError(f"key {e.object!r} is not valid text") from None
+    with self._catalog_errors(), self._commit_guard():
       self._add(x, keys, files)
 
   def _add(self, x: np.ndarray, keys: list[str], files) -> None:
@@ -676,7 +791,7 @@ class Index:
     stats = files or [None] * len(keys)
     rows = [
       (
-        k,
+        _db_key(k),
         name,
         i,
         st.sha256 if st else None,
@@ -687,7 +802,8 @@ class Index:
       for i, (k, st) in enumerate(zip(keys, stats, strict=True))
     ]
     self._transaction(rows, self._grows_to_seg_rows(replaced), gen)
-    entry = {"name": name, "rows": len(keys), "files": seg_files}
+    entry = {"name": name, "rows": len(keys), "files": seg_files, "keys_sha256": _keys_digest(keys)}
+    _fault("catalog")
     self._commit_manifest([entry])
     self._mark_deleted(replaced)
     base = sum(sg.rows for sg in self._segments)
@@ -756,7 +872,8 @@ class Index:
         )
       db.execute("COMMIT")
     except BaseException:
-      db.execute("ROLLBACK")
+      with contextlib.suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
       raise
 
   def delete(self, keys: Iterable[str]) -> int:
@@ -767,7 +884,7 @@ class Index:
     if not grows:
       return 0
     gen = self.generation + 1
-    with self._commit_guard():
+    with self._catalog_errors(), self._commit_guard():
       self._transaction([], self._grows_to_seg_rows(grows), gen)
       self._commit_manifest([])
       self._mark_deleted(grows)
@@ -778,7 +895,7 @@ class Index:
     self._check_writable()
     if not self._manifest["segments"]:
       return
-    with self._commit_guard():
+    with self._catalog_errors(), self._commit_guard():
       self._compact(max_segment_rows)
 
   def _compact(self, max_segment_rows: int) -> None:
@@ -792,8 +909,13 @@ class Index:
         return
       x = np.concatenate(buf_x)
       name, files = self._write_segment(x)
-      new_segments.append({"name": name, "rows": len(buf_rows), "files": files})
-      inserts.extend((k, name, i, sh, sz, mt, gen) for i, (k, sh, sz, mt) in enumerate(buf_rows))
+      digest = _keys_digest(r[0] for r in buf_rows)
+      new_segments.append(
+        {"name": name, "rows": len(buf_rows), "files": files, "keys_sha256": digest}
+      )
+      inserts.extend(
+        (_db_key(k), name, i, sh, sz, mt, gen) for i, (k, sh, sz, mt) in enumerate(buf_rows)
+      )
       buf_x.clear()
       buf_rows.clear()
 
@@ -837,7 +959,8 @@ class Index:
       )
       db.execute("COMMIT")
     except BaseException:
-      db.execute("ROLLBACK")
+      with contextlib.suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
       raise
     self._commit_manifest(new_segments, drop=old)
     # Post-commit garbage collection: drop old rows and files (also redone on any writer open).
@@ -858,6 +981,12 @@ class Index:
         seg, row = self._locate(live[key])
         todo.append((st.sha256, st.size, st.mtime_ns, seg.name, row))
     if todo:
+      with self._catalog_errors():
+        self._update_stats(todo)
+    return len(todo)
+
+  def _update_stats(self, todo: list[tuple]) -> None:
+    if todo:
       db = self._db
       db.execute("BEGIN IMMEDIATE")
       try:
@@ -866,9 +995,9 @@ class Index:
         )
         db.execute("COMMIT")
       except BaseException:
-        db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+          db.execute("ROLLBACK")
         raise
-    return len(todo)
 
   # ---------------------------------------------------------------- verification
 
@@ -962,10 +1091,25 @@ class Index:
       scores, grows = self._rerank(q, grows, metric, m)
     else:
       scores, grows = scores[:, :m], grows[:, :m]
+    self._check_scores(scores, grows, metric)
     keys = self._keys_of(grows)
     if metric == "l2":
       scores = np.maximum(-scores, 0.0)
     return (scores[0], keys[0]) if squeeze else (scores, keys)
+
+  def _check_scores(self, scores: np.ndarray, grows: np.ndarray, metric: str) -> None:
+    """Refuses impossible scores (a damaged segment) instead of returning them."""
+    lo, hi = -np.inf, np.inf
+    if self._manifest["normalize"]:  # unit vectors, with room for quantisation error
+      lo, hi = (-1.05, 1.05) if metric == "cosine" else (-4.2, 0.05)
+    bad = ~np.isfinite(scores) | (scores < lo) | (scores > hi)
+    if bad.any():
+      seg, row = self._locate(int(grows[bad][0]))
+      files = ", ".join(os.path.join(self.path, f["file"]) for f in seg.files.values())
+      raise IndexCorruptError(
+        f"segment {seg.name} ({files}) gives an impossible score {float(scores[bad][0])} at row "
+        f"{row}: a file is damaged (Index.verify() checks every checksum)"
+      )
 
   def _keys_of(self, grows: np.ndarray) -> np.ndarray:
     bases = np.array([sg.base for sg in self._segments])

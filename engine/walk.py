@@ -31,8 +31,11 @@ def _is_candidate(path: str) -> str | None:
       return "empty file (0 bytes)" if ext in images.IMAGE_EXTENSIONS else ""
   except OSError as e:
     return f"cannot stat: {e.strerror}"
-  if images.sniff(path):
+  reason = images.probe(path)
+  if reason is None:
     return None
+  if "too large" in reason:  # an image, refused by the decompression-bomb guard
+    return reason
   if ext in images.IMAGE_EXTENSIONS:
     if not os.access(path, os.R_OK):
       return "permission denied"

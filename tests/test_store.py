@@ -362,7 +362,7 @@ def test_flipped_byte_caught_by_verify(tmp_path):
     idx.add(x, keys)
   seg = tmp_path / "i" / "seg-000001.npy"
   data = bytearray(seg.read_bytes())
-  data[-7] ^= 0xFF
+  data[128 + 4 * D + 5] ^= 0xFF  # row 1: outside the 64 rows of the open-time sample checksum
   seg.write_bytes(bytes(data))
   Index.open(tmp_path / "i", readonly=True).close()  # sizes still check out: lazy by design
   with pytest.raises(IndexCorruptError, match="seg-000001.npy.*sha256"):
