@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import functools
 import io
-import json
 import os
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from engine.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -432,9 +433,7 @@ def main(argv):
     "seconds": time.perf_counter() - t0,
   }
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    with open(_OUTPUT.value, "w") as f:
-      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
   print_tables(meta, rows, transforms)
 
 

@@ -9,7 +9,6 @@ reported separately. Peers run in the same process on the same weights-shaped ne
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -175,9 +174,9 @@ def main(argv):
     },
   }
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    with open(_OUTPUT.value, "w") as f:
-      json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    from engine.fileio import atomic_write_json
+
+    atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
   print(
     f"floor: {meta['floor_ms_per_image']['fp32']:.0f} ms/image fp32, "
     f"{meta['floor_ms_per_image']['bf16']:.1f} ms/image bf16; XLA_FLAGS={meta['xla_flags']!r}"

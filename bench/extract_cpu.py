@@ -18,7 +18,6 @@ table reports medians. The floor is 30.9 GFLOP per image over the measured bf16 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,8 @@ import tempfile
 import time
 
 from absl import app, flags
+
+from engine.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -207,9 +208,7 @@ def main(argv):
     "targets": "ours OpenVINO bf16 >= 1.0x native OpenVINO bf16 and >= 2x PyTorch bf16",
   }
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    with open(_OUTPUT.value, "w") as f:
-      json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
   print(
     f"floor {meta['floor_ms_per_image_bf16']:.1f} ms/image at {_PEAK_BF16.value:.0f} GFLOP/s bf16; "
     f"load average at end {meta['loadavg_at_end'][0]:.1f}; medians of {_RUNS.value} rounds"

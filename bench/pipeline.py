@@ -21,7 +21,6 @@ Prints a table last; writes JSON with --output.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -31,6 +30,8 @@ import time
 
 import numpy as np
 from absl import app, flags
+
+from engine.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -163,9 +164,7 @@ def main(argv):
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    with open(_OUTPUT.value, "w") as f:
-      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
   print(
     f"\n{n} JPEGs {_WIDTH.value}x{_HEIGHT.value} -> {extractor.descriptor.name} "
     f"({pre.resize} {pre.size}), {config} {_PRECISION.value}, batch {_BATCH.value}, "

@@ -19,12 +19,13 @@ and extension. Prints a table last; `--output` writes JSON with the per-query AP
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 from absl import app, flags
+
+from engine.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -110,9 +111,7 @@ def main(argv):
     queries_from=_QUERIES.value,
   )
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    with open(_OUTPUT.value, "w") as f:
-      json.dump(res, f, indent=1)
+    atomic_write_json(_OUTPUT.value, res)
   print(
     f"{'protocol':9s} {'queries':>7s} {'database':>8s} {'mAP':>7s} "
     + " ".join(f"{'R@' + str(k):>6s}" for k in ks)

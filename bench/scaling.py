@@ -19,7 +19,6 @@ Prints a table last; writes JSON with --output.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -29,6 +28,8 @@ import time
 
 import numpy as np
 from absl import app, flags
+
+from engine.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -217,9 +218,7 @@ def main(argv):
     )
   meta["plot"] = png
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    with open(_OUTPUT.value, "w") as f:
-      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
   print(f"\nIndex.search, D = {d}, k = {_K.value}, median of {_REPEATS.value}; {meta['date']}")
   print(
     f"{'dtype':8s} {'N':>10s} {'Q':>5s} {'ms/batch':>9s} {'queries/s':>10s} {'GB/s':>6s} "

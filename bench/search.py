@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from engine import search
+from engine.fileio import atomic_write_json
 from engine.store import Index, quantize_int8
 
 _N = flags.DEFINE_integer("n", 1_000_000, "Rows in the index.")
@@ -256,10 +257,10 @@ def main(argv):
       f"{r['floor_qps']:9.1f} {r['compile_s']:9.2f}"
     )
   if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump(
-        {"n": n, "d": d, "k": k, "peaks_gflops": peaks, "loadavg": load, "rows": rows}, f, indent=2
-      )
+    atomic_write_json(
+      _OUTPUT.value,
+      {"n": n, "d": d, "k": k, "peaks_gflops": peaks, "loadavg": load, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

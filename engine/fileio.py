@@ -52,6 +52,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes `obj` as indented JSON, creating the parent folder if needed."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 

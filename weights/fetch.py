@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 
 from absl import app
 
 from engine import checkpoint
-from engine.fileio import fsync_dir
+from engine.fileio import atomic_write
 from weights import convert as convert_lib
 from weights import sources
 
@@ -66,27 +65,24 @@ def _hashes(path: str) -> tuple[int, str, str]:
 
 def _download(src: sources.Source, path: str, timeout: float) -> None:
   """Streams `src.url` to `path` through a temporary file; verifies before the rename."""
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   request = urllib.request.Request(src.url, headers={"User-Agent": "vgg-retrieval-engine"})
   print(f"downloading {src.url}", file=sys.stderr)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
-  try:
+
+  def stream_and_check(f):
     sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
     try:
-      with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as f:
+      with urllib.request.urlopen(request, timeout=timeout) as response:
         while block := response.read(_CHUNK):
           f.write(block)
           sha.update(block)
           md5.update(block)
           size += len(block)
-        f.flush()
-        os.fsync(f.fileno())
     except (urllib.error.URLError, OSError, ValueError) as e:
       reason = getattr(e, "reason", None) or e
       raise FetchError(f"cannot download {src.url} ({reason}); {_by_other_means(src)}") from e
     problem = _check(src, size, sha.hexdigest(), md5.hexdigest())
-    if problem:
+    if problem:  # raising here deletes the temporary file: nothing unverified is kept
       raise FetchError(
         f"the file downloaded from {src.url} does not match weights/sources.py: {problem}; "
         "it was not used"
@@ -97,14 +93,8 @@ def _download(src: sources.Source, path: str, timeout: float) -> None:
         f"{'md5' if src.md5 else 'the sha256 prefix'})",
         file=sys.stderr,
       )
-    os.replace(tmp, path)
-    fsync_dir(folder)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
+
+  atomic_write(path, stream_and_check)
 
 
 def fetch(
