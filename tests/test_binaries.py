@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import html.parser
 import json
 import os
@@ -16,7 +17,8 @@ from conftest import shared_data_or_skip, write_image
 
 from engine import sample
 
-CACHE = tempfile.mkdtemp(prefix="vgg-retrieval-test-cache-")
+CACHE = tempfile.mkdtemp(prefix="vgg-retrieval-test-cache-")  # exported graphs land here
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--weights=random:5", "--config=tiny", "--image_size=64", "--batch_size=4", "--backend=xla"]
 
