@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import io
 import os
 import sys
 import tempfile
@@ -58,13 +57,6 @@ MAX_SOURCE_SIDE = 1024  # originals are shrunk to this first, so transforms stay
 
 
 # ------------------------------------------------------------------------------ transformations
-
-
-def _jpeg(img: Image.Image, quality: int) -> Image.Image:
-  buf = io.BytesIO()
-  img.save(buf, "JPEG", quality=quality)
-  buf.seek(0)
-  return Image.open(buf).convert("RGB")
 
 
 def _crop_corner(img: Image.Image, frac: float) -> Image.Image:
@@ -103,7 +95,7 @@ TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
   "crop50corner": lambda im: _crop_corner(im, 0.5),
   "rot45": lambda im: im.rotate(45, resample=Image.BILINEAR, expand=True),
   "quarter": lambda im: im.resize((max(1, im.width // 4), max(1, im.height // 4)), Image.BILINEAR),
-  "jpeg5": lambda im: _jpeg(im, 5),
+  "jpeg5": lambda im: sample.jpeg_roundtrip(im, 5),
   "huerot": _hue_roll,
   "blur": lambda im: im.filter(ImageFilter.GaussianBlur(4)),
   "logo": _logo,

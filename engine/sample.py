@@ -46,7 +46,8 @@ def scene(rng: np.random.Generator, width: int = 640, height: int = 480) -> Imag
   return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
 
 
-def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
+  """The image after a JPEG encode and decode at `quality`."""
   buf = io.BytesIO()
   img.save(buf, "JPEG", quality=quality)
   buf.seek(0)
@@ -77,7 +78,7 @@ TRANSFORMS = {
   "rot90": lambda im: im.rotate(90, expand=True),
   "rot10": lambda im: im.rotate(10, resample=Image.BILINEAR, expand=False),
   "half": lambda im: im.resize((im.width // 2, im.height // 2), Image.BILINEAR),
-  "jpeg20": lambda im: _jpeg(im, 20),
+  "jpeg20": lambda im: jpeg_roundtrip(im, 20),
   "bright": lambda im: ImageEnhance.Brightness(im).enhance(1.3),
   "colour": lambda im: ImageEnhance.Color(im).enhance(0.4),
   "gray": lambda im: ImageOps.grayscale(im).convert("RGB"),
