@@ -57,29 +57,12 @@ def bench_project(batch, precision, runs, config):
   return {"compile_s": compile_s, "batch_s": sec}
 
 
-def _torch_vgg16():
-  import torch
-  from torch import nn
-
-  layers, in_ch = [], 3
-  for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]:
-    if v == "M":
-      layers.append(nn.MaxPool2d(2, 2))
-    else:
-      layers += [nn.Conv2d(in_ch, v, 3, padding=1), nn.ReLU(inplace=True)]
-      in_ch = v
-  return nn.Sequential(
-    *layers,
-    nn.Flatten(),
-    nn.Linear(25088, 4096),
-    nn.ReLU(inplace=True),
-    nn.Linear(4096, 4096),
-    nn.ReLU(inplace=True),
-  ).eval(), torch
-
-
 def bench_torch(batch, precision, runs):
-  model, torch = _torch_vgg16()
+  import torch
+
+  from bench.peers import torch_vgg16_to_fc2
+
+  model = torch_vgg16_to_fc2()
   x = torch.rand(batch, 3, 224, 224)
   model = model.to(memory_format=torch.channels_last)
   x = x.to(memory_format=torch.channels_last)
@@ -97,8 +80,11 @@ def bench_torch(batch, precision, runs):
 def bench_onnxruntime(batch, runs, tmpdir):
   import numpy as np
   import onnxruntime as ort
+  import torch
 
-  model, torch = _torch_vgg16()
+  from bench.peers import torch_vgg16_to_fc2
+
+  model = torch_vgg16_to_fc2()
   path = os.path.join(tmpdir, f"vgg16_b{batch}.onnx")
   t = time.perf_counter()
   torch.onnx.export(model, torch.rand(batch, 3, 224, 224), path, input_names=["x"], dynamo=False)
