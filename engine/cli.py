@@ -164,17 +164,9 @@ def user_errors():
     sys.exit(130)
 
 
-def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
-  """(image paths, [(path, reason)] for files that look like images but are not)."""
-  good, bad = [], []
-  for found in walk.find_images(root):
-    (bad.append((found.path, found.error)) if found.error else good.append(found.path))
-  return good, bad
-
-
 def extract_to_folder(extractor: Extractor, source: str, output: str) -> None:
   """Writes features.npy, paths.txt and errors.txt for every image under `source`."""
-  paths, bad = list_images(source)
+  paths, bad = walk.split_images(source)
   if not paths:
     raise UserError(f"no images found under {source}")
   logging.info("extracting %d images with %s", len(paths), extractor.descriptor.name)

@@ -9,7 +9,7 @@ import numpy as np
 from engine import store
 from engine.errors import UserError
 from engine.extractor import Extractor
-from engine.walk import find_images
+from engine.walk import split_images
 
 
 @dataclasses.dataclass
@@ -39,9 +39,7 @@ def query_index(
       raise UserError(f"the index at {index_path} is empty: index some images first")
     if k > n:
       raise UserError(f"--k={k} is larger than the index ({n} images); use --k={n} or less")
-    found = list(find_images(query))
-    failed = [(f.path, f.error) for f in found if f.error]
-    paths = [f.path for f in found if not f.error]
+    paths, failed = split_images(query)
     if not paths and not failed:
       raise UserError(f"no query images found under {query}")
     extracted = extractor.extract_paths(paths)

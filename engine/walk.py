@@ -92,3 +92,14 @@ def find_images(root: str | os.PathLike) -> Iterator[Found]:
       ):
         yield Found(entry.path, "broken symbolic link")
     stack.extend(reversed(subfolders))
+
+
+def split_images(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
+  """(image paths, [(path, reason)] for files that look like images but are not) under `root`."""
+  good, bad = [], []
+  for found in find_images(root):
+    if found.error:
+      bad.append((found.path, found.error))
+    else:
+      good.append(found.path)
+  return good, bad
