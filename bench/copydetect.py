@@ -115,7 +115,7 @@ def default_photos() -> str | None:
 def list_images(folder: str) -> list[str]:
   from engine import walk
 
-  return sorted(item.path for item in walk.find_images(os.path.abspath(folder)) if not item.error)
+  return sorted(walk.split_images(os.path.abspath(folder))[0])
 
 
 def open_rgb(path: str) -> Image.Image:
