@@ -82,6 +82,8 @@ _IN_MEMORY = {
 }
 _SEGMENT_RE = re.compile(r"^seg-(\d{6,})$")
 DEFAULT_CHUNK_ROWS = 65536
+# Candidates per result fetched from compressed storage and re-scored exactly (see Index.search).
+CANDIDATE_FACTOR = 2
 _QUERY_BATCH = 256
 _SAMPLE_ROWS = 64
 FAULT_ENV = "VGG_RETRIEVAL_FAULT"
@@ -228,16 +230,56 @@ def _write_npy(path: str, array: np.ndarray) -> dict:
   return {"file": os.path.basename(path), **out, "sample_sha256": _sample_digest(array)}
 
 
+def _sample_rows(n: int) -> np.ndarray:
+  return np.unique(np.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).astype(np.int64)) if n else []
+
+
+def _write_npy_parts(path: str, dtype: np.dtype, tail: tuple[int, ...], n: int, parts) -> dict:
+  """Writes n rows arriving as an iterable of arrays as one .npy, atomically; returns its manifest
+  entry, the same as `_write_npy` of their concatenation, holding one part in memory at a time."""
+  dtype = np.dtype(dtype)
+  header = np.lib.format.header_data_from_array_1_0(np.empty((0, *tail), dtype))
+  header["shape"] = (n, *tail)
+  sample = np.asarray(_sample_rows(n), np.int64)
+  out = {}
+
+  def write(f):
+    w = _HashingWriter(f)
+    np.lib.format.write_array_header_1_0(w, header)
+    seen, picked = 0, []
+    for part in parts:
+      part = np.ascontiguousarray(part)
+      if part.dtype != dtype or part.shape[1:] != tail:
+        raise ValueError(f"part {part.dtype} {part.shape} for rows {dtype} {tail}")
+      here = sample[(sample >= seen) & (sample < seen + len(part))] - seen
+      picked.extend(part[here])
+      seen += len(part)
+      w.write(part.tobytes())
+    if seen != n:
+      raise ValueError(f"{seen} rows written, {n} announced")
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(r).tobytes() for r in picked))
+    out.update(bytes=w.size, sha256=w.sha.hexdigest(), sample_sha256=digest.hexdigest())
+
+  fileio.atomic_write(path, write)
+  _fault("segment_file")
+  return {"file": os.path.basename(path), **out}
+
+
 def _sample_digest(array: np.ndarray) -> str:
   """sha256 of up to _SAMPLE_ROWS rows spread over the array: cheap enough for every open."""
-  n = array.shape[0]
-  rows = np.unique(np.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).astype(np.int64)) if n else []
+  rows = _sample_rows(array.shape[0])
   return hashlib.sha256(np.ascontiguousarray(array[rows]).tobytes()).hexdigest()
 
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
-  n = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))[:, None]
-  return (x / np.where(n > 0, n, 1.0)).astype(x.dtype)
+  """Unit rows, in x's float dtype; norms accumulate in float64 one block at a time (no [N, D]
+  float64 temporary)."""
+  out = np.empty_like(x)
+  for a in range(0, x.shape[0], DEFAULT_CHUNK_ROWS):
+    b = x[a : a + DEFAULT_CHUNK_ROWS]
+    n = np.sqrt(np.einsum("ij,ij->i", b, b, dtype=np.float64))
+    np.divide(b, np.where(n > 0, n, 1.0).astype(x.dtype)[:, None], out=out[a : a + len(b)])
+  return out
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -901,49 +943,54 @@ class Index:
   def _compact(self, max_segment_rows: int) -> None:
     old = [s["name"] for s in self._manifest["segments"]]
     gen = self.generation + 1
-    new_segments, inserts = [], []
-    buf_x, buf_rows = [], []
-
-    def flush():
-      if not buf_rows:
-        return
-      x = np.concatenate(buf_x)
-      name, files = self._write_segment(x)
-      digest = _keys_digest(r[0] for r in buf_rows)
-      new_segments.append(
-        {"name": name, "rows": len(buf_rows), "files": files, "keys_sha256": digest}
-      )
-      inserts.extend(
-        (_db_key(k), name, i, sh, sz, mt, gen) for i, (k, sh, sz, mt) in enumerate(buf_rows)
-      )
-      buf_x.clear()
-      buf_rows.clear()
-
+    # Plan: the live rows of every segment, in order, cut into new segments of at most
+    # max_segment_rows; each new file is then streamed part by part from the old memory maps (the
+    # stored bytes are copied, never re-quantised), so memory stays at one chunk, not one segment.
+    plans, cur, cur_rows = [], [], 0
     for seg in self._segments:
-      stats = {
-        r: (sh, sz, mt)
-        for r, sh, sz, mt in self._db.execute(
-          "SELECT row, sha256, size, mtime_ns FROM rows WHERE segment = ?", (seg.name,)
-        )
-      }
-      for start in range(0, seg.rows, DEFAULT_CHUNK_ROWS):
-        stop = min(seg.rows, start + DEFAULT_CHUNK_ROWS)
-        live = np.flatnonzero(~seg.deleted[start:stop]) + start
-        if not live.size:
+      live = np.flatnonzero(~seg.deleted)
+      while live.size:
+        take, live = live[: max_segment_rows - cur_rows], live[max_segment_rows - cur_rows :]
+        cur.append((seg, take))
+        cur_rows += take.size
+        if cur_rows == max_segment_rows:
+          plans.append(cur)
+          cur, cur_rows = [], 0
+    if cur:
+      plans.append(cur)
+
+    def parts(plan, role):
+      for seg, rows in plan:
+        src = {"vectors": seg.vectors, "scales": seg.scales, "float32": seg.float32}[role]
+        for a in range(0, rows.size, DEFAULT_CHUNK_ROWS):
+          part = np.asarray(src[rows[a : a + DEFAULT_CHUNK_ROWS]])
+          yield part.view(np.uint16) if part.dtype == ml_dtypes.bfloat16 else part
+
+    new_segments, inserts = [], []
+    for plan in plans:
+      n = sum(rows.size for _, rows in plan)
+      name = self._segment_name()
+      p = os.path.join(self.path, name)
+      files = {}
+      for role, suffix in (("vectors", ".npy"), ("scales", ".scale.npy"), ("float32", ".f32.npy")):
+        if role not in plan[0][0].files:
           continue
-        # From the float32 copy if kept; else the dequantised rows, which re-quantise to the same
-        # stored values (same row maximum, same scale).
-        src = seg.float32
-        x = np.asarray(src[live]) if src is not None else self._dequantize(seg, live)
-        while live.size:
-          room = max_segment_rows - len(buf_rows)
-          take, live = live[:room], live[room:]
-          buf_x.append(x[: take.size])
-          x = x[take.size :]
-          buf_rows.extend((seg.keys[r], *stats[int(r)]) for r in take)
-          if len(buf_rows) >= max_segment_rows:
-            flush()
-    flush()
+        dtype, shape = self._expected(role, n)
+        files[role] = _write_npy_parts(p + suffix, dtype, shape[1:], n, parts(plan, role))
+      keys = []
+      for seg, rows in plan:
+        stats = {
+          r: (sh, sz, mt)
+          for r, sh, sz, mt in self._db.execute(
+            "SELECT row, sha256, size, mtime_ns FROM rows WHERE segment = ?", (seg.name,)
+          )
+        }
+        for r in rows.tolist():
+          inserts.append((_db_key(seg.keys[r]), name, len(keys), *stats[r], gen))
+          keys.append(seg.keys[r])
+      new_segments.append(
+        {"name": name, "rows": n, "files": files, "keys_sha256": _keys_digest(keys)}
+      )
     db = self._db
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -1079,7 +1126,15 @@ class Index:
     use_rerank = rerank > k and self.dtype != "float32"
     if use_rerank and not self.keep_float32:
       raise ValueError(f"rerank needs an index created with keep_float32=True ({self.path})")
-    kk = min(rerank, n_valid) if use_rerank else m
+    # Compressed storage: the kernel's candidates (CANDIDATE_FACTOR * k of them) are re-scored in
+    # float64 from the stored rows, so returned scores are exact for the stored vectors (the kernel
+    # quantises int8 queries too) and a little recall lost to that rounding comes back.
+    if use_rerank:
+      kk = min(rerank, n_valid)
+    elif self.dtype != "float32":
+      kk = min(max(m, CANDIDATE_FACTOR * k), n_valid)
+    else:
+      kk = m
     scores = np.empty((nq, kk), np.float32)
     grows = np.empty((nq, kk), np.int64)
     for start in range(0, nq, _QUERY_BATCH):
@@ -1088,7 +1143,9 @@ class Index:
       scores[start : start + len(qb)] = s
       grows[start : start + len(qb)] = g
     if use_rerank:
-      scores, grows = self._rerank(q, grows, metric, m)
+      scores, grows = self._rerank(q, grows, metric, m, float32_copy=True)
+    elif self.dtype != "float32":
+      scores, grows = self._rerank(q, grows, metric, m, float32_copy=False)
     else:
       scores, grows = scores[:, :m], grows[:, :m]
     self._check_scores(scores, grows, metric)
@@ -1164,8 +1221,10 @@ class Index:
     s, i = jax.device_get((best_s, best_i))
     return s[:nq], i[:nq].astype(np.int64)
 
-  def _rerank(self, q, grows, metric, m):
-    """Exact float64 re-scoring of the candidates from the float32 copy: [Q, kk] -> [Q, m]."""
+  def _rerank(self, q, grows, metric, m, float32_copy):
+    """Exact float64 re-scoring of candidates, [Q, kk] -> [Q, m]: from the float32 copy, or from
+    the stored rows (dequantised; on a normalising cosine index, scaled back to unit length, so a
+    score is the cosine to the stored direction and never exceeds 1)."""
     nq, kk = grows.shape
     flat = grows.ravel()
     bases = np.array([sg.base for sg in self._segments])
@@ -1176,8 +1235,14 @@ class Index:
       sg = self._segments[int(i)]
       rows = flat[sel] - sg.base
       order = np.argsort(rows)  # ascending reads from the memory map
-      x[sel[order]] = sg.float32[rows[order]]
+      if float32_copy:
+        x[sel[order]] = sg.float32[rows[order]]
+      else:
+        x[sel[order]] = self._dequantize(sg, rows[order])
     x64 = x.reshape(nq, kk, self.dim).astype(np.float64)
+    if not float32_copy and metric == "cosine" and self._manifest["normalize"]:
+      n = np.linalg.norm(x64, axis=-1, keepdims=True)
+      x64 /= np.where(n > 0, n, 1.0)
     q64 = q.astype(np.float64)[:, None, :]
     s = np.sum(x64 * q64, -1) if metric == "cosine" else -np.sum((x64 - q64) ** 2, -1)
     order = np.argsort(-s, axis=1, kind="stable")[:, :m]
