@@ -16,11 +16,12 @@ Storage dtypes: float32, float16, bfloat16 and int8 (symmetric, one float32 scal
 `scales`). Kernel choice per dtype and Q, from measurements on the project's 2-core AVX-512 CPU
 (jax 0.10.2; see `_choose_method` and bench/search.py):
   * XLA sends a 2-D `sum(matrix.astype(f32) * q, axis=1)` to its YNNPACK fusion, which streams int8
-    at ~9 GB/s and bfloat16 at ~18 GB/s (about 10 G elements/s, one core); the same thing written
-    as a dot with one query, or as a 3-D broadcast, ran at 0.1-0.9 GB/s. Used for Q = 1.
+    at 7-9 GB/s and bfloat16 at ~18 GB/s (about 10 G elements/s); the same thing written as a dot
+    with one query, or as a 3-D broadcast, ran at 0.1-0.9 GB/s. Used for bfloat16 at Q = 1.
   * float32: the library matrix-vector / matrix product (28-40 GB/s at Q = 1, ~250 GFLOP/s).
-  * int8, Q > 1: int8 x int8 with int32 accumulation (~150-250 GFLOP/s; asking for a float32 result
-    instead drops to ~100, and the same with one query to 0.9 GB/s).
+  * int8: int8 x int8 with int32 accumulation (~150-250 GFLOP/s; asking for a float32 result
+    instead drops to ~100). One query is padded to two: 10-12 GB/s, where the product with a
+    single query runs at 0.9 GB/s and the fused reduce at 7-8 GB/s.
   * bfloat16, Q > 1: the bf16 product with float32 accumulation (~100-150 GFLOP/s, no AMX seen).
   * float16: no fast path exists (XLA's convert, the bit decode in `decode` and numpy all ran at
     1-2 GB/s): prefer bfloat16 or int8.
@@ -92,9 +93,9 @@ def _choose_method(q: int, dtype) -> str:
   # ~150-250 GFLOP/s (with a float32 result: 0.1x that). float16 has no fast path at all.
   if dtype == jnp.float32 or dtype == jnp.float16:
     return "f32"
-  if q == 1:
-    return "reduce"
-  return "int8" if dtype == jnp.int8 else "bf16"
+  if dtype == jnp.int8:
+    return "int8"  # one query is padded to two: 10-12 GB/s, against 7-8 for "reduce"
+  return "reduce" if q == 1 else "bf16"
 
 
 def _quantize_queries(q: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -158,7 +159,10 @@ def inner_products(
     if matrix.dtype != jnp.int8:
       raise ValueError("method='int8' needs an int8 matrix")
     q8, qscale = _quantize_queries(queries)
+    if q8.shape[0] == 1:  # XLA's int8 product with one query runs at 0.9 GB/s; with two at ~11
+      q8 = jnp.concatenate([q8, jnp.zeros_like(q8)])
     s = lax.dot_general(q8, matrix, _DN, preferred_element_type=jnp.int32).astype(jnp.float32)
+    s = s[: queries.shape[0]]
   else:
     raise ValueError(f"unknown method {method!r}")
   # One elementwise pass over the [Q, N] scores: XLA's own (non-library) loops ran at only ~1 GB/s
