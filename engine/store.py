@@ -933,7 +933,11 @@ class Index:
     return len(grows)
 
   def compact(self, max_segment_rows: int = 1 << 20) -> None:
-    """Rewrites all segments without tombstones (and merges small ones); committed on return."""
+    """Rewrites all segments without tombstones (and merges small ones); committed on return.
+
+    The stored bytes (vectors, scales, float32 copy) are streamed from the old segments in chunks,
+    never re-quantised, so results are unchanged and memory stays at one chunk.
+    """
     self._check_writable()
     if not self._manifest["segments"]:
       return
@@ -1094,7 +1098,8 @@ class Index:
 
     Returns:
       scores: [Q, m] float32 and keys: [Q, m] object array of str, best first, where
-      m = min(k, number of searchable rows): columns are never padded.
+      m = min(k, number of searchable rows): columns are never padded. With compressed storage
+      the scores are exact (float64) for the stored vectors; with `rerank`, for the float32 copy.
     """
     if metric not in search.METRICS:
       raise ValueError(f"metric must be one of {search.METRICS}, got {metric!r}")
