@@ -86,6 +86,7 @@ DEFAULT_CHUNK_ROWS = 65536
 CANDIDATE_FACTOR = 2
 _QUERY_BATCH = 256
 _SAMPLE_ROWS = 64
+_WRITE_BYTES = 16 << 20  # rows per write call of a segment file: at most this many bytes
 FAULT_ENV = "VGG_RETRIEVAL_FAULT"
 FAULT_POINTS = ("segment_write", "segment_file", "catalog", "manifest")
 
@@ -218,16 +219,11 @@ class _HashingWriter:
 
 def _write_npy(path: str, array: np.ndarray) -> dict:
   """Writes `array` as .npy atomically (temp file, fsync, rename); returns its manifest entry."""
-  out = {}
-
-  def write(f):
-    w = _HashingWriter(f)
-    np.lib.format.write_array(w, np.ascontiguousarray(array), allow_pickle=False)
-    out.update(bytes=w.size, sha256=w.sha.hexdigest())
-
-  fileio.atomic_write(path, write)
-  _fault("segment_file")
-  return {"file": os.path.basename(path), **out, "sample_sha256": _sample_digest(array)}
+  array = np.ascontiguousarray(array)
+  n = array.shape[0]
+  step = max(1, _WRITE_BYTES // max(1, array[:1].nbytes))
+  parts = (array[a : a + step] for a in range(0, n, step))
+  return _write_npy_parts(path, array.dtype, array.shape[1:], n, parts)
 
 
 def _sample_rows(n: int) -> np.ndarray:
@@ -235,8 +231,8 @@ def _sample_rows(n: int) -> np.ndarray:
 
 
 def _write_npy_parts(path: str, dtype: np.dtype, tail: tuple[int, ...], n: int, parts) -> dict:
-  """Writes n rows arriving as an iterable of arrays as one .npy, atomically; returns its manifest
-  entry, the same as `_write_npy` of their concatenation, holding one part in memory at a time."""
+  """Writes n rows arriving as an iterable of arrays as one .npy (temp file, fsync, rename), holding
+  one part in memory at a time; returns its manifest entry (bytes, sha256, sample_sha256)."""
   dtype = np.dtype(dtype)
   header = np.lib.format.header_data_from_array_1_0(np.empty((0, *tail), dtype))
   header["shape"] = (n, *tail)
@@ -254,7 +250,7 @@ def _write_npy_parts(path: str, dtype: np.dtype, tail: tuple[int, ...], n: int, 
       here = sample[(sample >= seen) & (sample < seen + len(part))] - seen
       picked.extend(part[here])
       seen += len(part)
-      w.write(part.tobytes())
+      w.write(part.reshape(-1).view(np.uint8))
     if seen != n:
       raise ValueError(f"{seen} rows written, {n} announced")
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(r).tobytes() for r in picked))
