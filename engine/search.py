@@ -46,6 +46,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from engine import native
+
 METRICS = ("cosine", "l2")
 # Row blocks for the exact two-stage selection: block maxima, top-k blocks, then top-k of their rows.
 _BLOCK = 128
@@ -155,9 +157,9 @@ def inner_products(
     both = jnp.concatenate([hi, lo], axis=0)
     s2 = lax.dot_general(both, matrix, _DN, preferred_element_type=jnp.float32)
     s = s2[: queries.shape[0]] + s2[queries.shape[0] :]
-  elif method == "int8":
+  elif method in ("int8", "int8-xla"):
     if matrix.dtype != jnp.int8:
-      raise ValueError("method='int8' needs an int8 matrix")
+      raise ValueError(f"method={method!r} needs an int8 matrix")
     q8, qscale = _quantize_queries(queries)
     if q8.shape[0] == 1:  # XLA's int8 product with one query runs at 0.9 GB/s; with two at ~11
       q8 = jnp.concatenate([q8, jnp.zeros_like(q8)])
@@ -171,7 +173,7 @@ def inner_products(
     s = s * scales[None, :]
   if row_bias is not None:
     s = s + row_bias[None, :]
-  if method == "int8":
+  if method in ("int8", "int8-xla"):
     if defer_query_scale:
       return s, qscale  # a positive per-query factor: apply it after the selection
     s = s * qscale
@@ -255,8 +257,24 @@ def topk(
     return _pad_k(
       jnp.zeros((queries.shape[0], 0), jnp.float32), jnp.zeros((queries.shape[0], 0), jnp.int32), k
     )
+  valid = None if valid is None else jnp.asarray(valid, bool)
+  if method == "int8" and _native_fits(matrix) and native.available():
+    # The fused kernel runs on CPUs; other platforms lower the XLA product (same results).
+    return lax.platform_dependent(
+      queries,
+      matrix,
+      scales,
+      valid,
+      cpu=functools.partial(_topk_native_int8, k=k, metric=metric),
+      default=functools.partial(_topk_xla, k=k, metric=metric, method="int8-xla"),
+    )
+  return _topk_xla(queries, matrix, scales, valid, k=k, metric=metric, method=method)
+
+
+def _topk_xla(queries, matrix, scales, valid, *, k, metric, method):
+  n = matrix.shape[0]
   # Tombstones and filters become a per-row additive -inf, folded into the scores' single pass.
-  bias = None if valid is None else jnp.where(jnp.asarray(valid, bool), 0.0, -jnp.inf)
+  bias = None if valid is None else jnp.where(valid, 0.0, -jnp.inf)
   if metric == "l2":
     s = inner_products(queries, matrix, scales, method)
     qn = jnp.sum(queries * queries, axis=1, keepdims=True)
@@ -269,6 +287,39 @@ def topk(
   if post is not None:
     scores = scores * post
   ids = jnp.where(scores == -jnp.inf, -1, ids.astype(jnp.int32))
+  return _pad_k(scores, ids, k)
+
+
+def _native_fits(matrix: jax.Array) -> bool:
+  return matrix.dtype == jnp.int8 and matrix.shape[1] % 4 == 0 and matrix.shape[1] <= 65536
+
+
+def _topk_native_int8(queries, matrix, scales, valid, *, k, metric):
+  """The fused VNNI scan + top-k of `engine/native/int8_topk.cc`: no [Q, N] scores in memory.
+
+  The kernel ranks dot(q8, row) * scale * qmul + bias; queries are quantised exactly as in the XLA
+  "int8" method, so cosine scores are bit-identical to it.
+  """
+  n = matrix.shape[0]
+  q8, qscale = _quantize_queries(queries)
+  scales = jnp.ones((n,), jnp.float32) if scales is None else scales.astype(jnp.float32)
+  bias = jnp.zeros((n,), jnp.float32) if valid is None else jnp.where(valid, 0.0, -jnp.inf)
+  if metric == "l2":
+    bias = bias - _sq_norms(matrix, scales)
+    qmul = 2.0 * qscale[:, 0]
+  else:
+    qmul = jnp.ones((queries.shape[0],), jnp.float32)
+  kk = min(k, n)
+  out = (
+    jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.float32),
+    jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.int32),
+  )
+  scores, ids = jax.ffi.ffi_call(native.INT8_TOPK, out)(q8, matrix, scales, qmul, bias)
+  if metric == "l2":
+    scores = scores - jnp.sum(queries * queries, axis=1, keepdims=True)
+  else:
+    scores = scores * qscale
+  ids = jnp.where(scores == -jnp.inf, -1, ids)
   return _pad_k(scores, ids, k)
 
 

@@ -1,0 +1,379 @@
+// Fused int8 scan + top-k for x86 CPUs with AVX512-VNNI, called from XLA as an FFI custom call.
+//
+// For every query q and row r of an int8 matrix it computes
+//     score[q, r] = dot(q8[q], m[r]) * scale[r] * qmul[q] + bias[r]
+// (int32 accumulation) and keeps the k best rows per query without writing the [Q, N] scores:
+// each worker keeps a heap per query and compares a whole vector of scores against the heaps'
+// thresholds at once, so the scan runs at the speed of the products, not of the selection.
+//
+// Two inner loops, both built on vpdpbusd (u8 x s8 -> s32). The queries are the unsigned operand,
+// stored as q + 128; the row sum times 128 is subtracted afterwards.
+//   * Few queries (Q <= kSmallQ): one row at a time, 64 bytes per instruction, a horizontal sum per
+//     row: memory-bound, about 8 instructions per 512-byte row and query.
+//   * Many queries: lanes are queries. Queries are packed as [Q/16][D/4][16][4]; each 4-byte group
+//     of a row is broadcast and multiplied with 16 queries at once, kRows rows by up to kMaxTiles
+//     tiles of 16 queries in registers (a GEMM micro-kernel).
+// Rows are split into blocks shared by XLA's intra-op thread pool and the calling thread.
+// Ties are broken towards the lower row number, so the result does not depend on the threads.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kSmallQ = 4;              // up to this many queries: the row-at-a-time loop
+constexpr int kRows = 4;                // rows per micro-kernel step in the many-query loop
+constexpr int kMaxTiles = 4;            // tiles of 16 queries per pass: 32 KB at D = 512, in L1
+constexpr int64_t kBlockRows = 2048;    // rows per unit of work handed to a thread
+constexpr int64_t kPrefetchBytes = 8192;  // software prefetch distance along the rows
+static_assert(kMaxTiles == 4, "ScanMany dispatches groups of 1 to 4 tiles");
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+struct Cand {
+  float s;
+  int32_t i;
+};
+
+// a ranks before b: higher score, then the lower row.
+inline bool Before(float s, int32_t i, const Cand& b) { return s > b.s || (s == b.s && i < b.i); }
+
+// A bounded heap of the k best candidates; the worst one is at the root.
+struct Heap {
+  Cand* h;
+  int k;
+  int n;
+  float* thr;  // the score a candidate must reach (-inf until full); read by the vector compare
+
+  void Push(float s, int32_t i) {
+    if (!(s > -std::numeric_limits<float>::infinity())) return;  // -inf (masked rows) and NaN
+    if (n < k) {
+      int c = n++;
+      while (c > 0) {  // sift up: parents rank before children
+        int p = (c - 1) / 2;
+        if (!Before(h[p].s, h[p].i, Cand{s, i})) break;
+        h[c] = h[p];
+        c = p;
+      }
+      h[c] = Cand{s, i};
+      if (n == k) *thr = h[0].s;
+      return;
+    }
+    if (!Before(s, i, h[0])) return;
+    int c = 0;
+    for (;;) {  // sift down from the root
+      int l = 2 * c + 1;
+      if (l >= k) break;
+      int w = l;
+      if (l + 1 < k && Before(h[l].s, h[l].i, h[l + 1])) w = l + 1;  // the worse child
+      if (!Before(s, i, h[w])) break;  // the candidate is the worse: it stays here
+      h[c] = h[w];
+      c = w;
+    }
+    h[c] = Cand{s, i};
+    *thr = h[0].s;
+  }
+};
+
+struct Problem {
+  const int8_t* m;
+  const float* scale;
+  const float* bias;
+  const float* qmul;
+  const uint8_t* qpacked;  // small Q: [Q][Dp] u8; many: [T][D/4][16][4] u8
+  int64_t n, d, dp, q, tiles, k;
+};
+
+struct Worker {
+  std::vector<Cand> cand;    // [Q][k]
+  std::vector<float> thr;    // [tiles * 16]
+  std::vector<Heap> heaps;   // [Q]
+  void Init(const Problem& p) {
+    cand.resize(p.q * p.k);
+    // Padding lanes never pass the compare; real queries start at -inf.
+    thr.assign(std::max<int64_t>(p.tiles, 1) * 16, std::numeric_limits<float>::infinity());
+    std::fill(thr.begin(), thr.begin() + p.q, -std::numeric_limits<float>::infinity());
+    heaps.resize(p.q);
+    for (int64_t j = 0; j < p.q; ++j) heaps[j] = Heap{cand.data() + j * p.k, int(p.k), 0, &thr[j]};
+  }
+};
+
+VNNI_TARGET inline __m512i LoadRow(const int8_t* p, int64_t j, int64_t d) {
+  if (j + 64 <= d) return _mm512_loadu_si512(p + j);
+  return _mm512_maskz_loadu_epi8(~0ULL >> (64 - (d - j)), p + j);
+}
+
+VNNI_TARGET int32_t RowSum(const int8_t* row, int64_t d) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i s = _mm512_setzero_si512();
+  for (int64_t j = 0; j < d; j += 64) s = _mm512_dpbusd_epi32(s, ones, LoadRow(row, j, d));
+  return _mm512_reduce_add_epi32(s);
+}
+
+template <int Q>
+VNNI_TARGET void ScanSmall(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  float qm[Q];
+  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = p.m + r * p.d;
+    __m512i acc[Q];
+    __m512i sum = _mm512_setzero_si512();
+    for (int j = 0; j < Q; ++j) acc[j] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < p.d; c += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchBytes + c), _MM_HINT_T0);
+      __m512i x = LoadRow(row, c, p.d);
+      sum = _mm512_dpbusd_epi32(sum, ones, x);
+      for (int j = 0; j < Q; ++j) {
+        __m512i qv = _mm512_loadu_si512(p.qpacked + j * p.dp + c);
+        acc[j] = _mm512_dpbusd_epi32(acc[j], qv, x);
+      }
+    }
+    const int32_t off = 128 * _mm512_reduce_add_epi32(sum);
+    const float sc = p.scale[r], b = p.bias[r];
+    for (int j = 0; j < Q; ++j) {
+      float s = float(_mm512_reduce_add_epi32(acc[j]) - off) * sc * qm[j] + b;
+      if (s >= w.thr[j]) w.heaps[j].Push(s, int32_t(r));
+    }
+  }
+}
+
+// One group of 4 bytes of R rows against G tiles of 16 queries.
+template <int R, int G>
+VNNI_TARGET __attribute__((always_inline)) inline void Step(__m512i (&acc)[R][G],
+                                                            const int8_t* const (&rows)[R],
+                                                            const uint8_t* qp, int64_t quads,
+                                                            int64_t j) {
+  __m512i b[R];
+  for (int i = 0; i < R; ++i) {
+    int32_t v;
+    std::memcpy(&v, rows[i] + 4 * j, 4);
+    b[i] = _mm512_set1_epi32(v);
+  }
+  for (int g = 0; g < G; ++g) {
+    __m512i qv = _mm512_loadu_si512(qp + (g * quads + j) * 64);
+    for (int i = 0; i < R; ++i) acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], qv, b[i]);
+  }
+}
+
+// R rows against G tiles of 16 queries starting at tile t0.
+template <int R, int G>
+VNNI_TARGET inline void Micro(const Problem& p, Worker& w, int64_t r, int64_t t0) {
+  __m512i acc[R][G];
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = _mm512_setzero_si512();
+  const int8_t* rows[R];
+  for (int i = 0; i < R; ++i) rows[i] = p.m + (r + i) * p.d;
+  const int8_t* const(&crows)[R] = rows;
+  const int64_t quads = p.d / 4;
+  const uint8_t* qp = p.qpacked + t0 * quads * 64;
+  // One cache line of each row (16 groups of 4 bytes) per outer step; D % 64 != 0 leaves a tail.
+  int64_t j = 0;
+  for (; j + 16 <= quads; j += 16) {
+    for (int i = 0; i < R; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(rows[i] + kPrefetchBytes + 4 * j), _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int64_t u = 0; u < 16; ++u) Step<R, G>(acc, crows, qp, quads, j + u);
+  }
+  for (; j < quads; ++j) Step<R, G>(acc, crows, qp, quads, j);
+  for (int i = 0; i < R; ++i) {
+    const int64_t row = r + i;
+    const __m512i off = _mm512_set1_epi32(128 * RowSum(rows[i], p.d));
+    const __m512 sc = _mm512_set1_ps(p.scale[row]);
+    const __m512 b = _mm512_set1_ps(p.bias[row]);
+    for (int g = 0; g < G; ++g) {
+      const int64_t t = t0 + g;
+      __m512 s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][g], off));
+      s = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(s, sc), _mm512_loadu_ps(p.qmul + t * 16)), b);
+      __mmask16 hit = _mm512_cmp_ps_mask(s, _mm512_loadu_ps(w.thr.data() + t * 16), _CMP_GE_OQ);
+      if (!hit) continue;
+      alignas(64) float sv[16];
+      _mm512_store_ps(sv, s);
+      while (hit) {
+        int lane = __builtin_ctz(hit);
+        hit &= hit - 1;
+        int64_t qi = t * 16 + lane;
+        if (qi < p.q) w.heaps[qi].Push(sv[lane], int32_t(row));
+      }
+    }
+  }
+}
+
+template <int G>
+VNNI_TARGET void ScanTiles(const Problem& p, Worker& w, int64_t r0, int64_t r1, int64_t t0) {
+  int64_t r = r0;
+  for (; r + kRows <= r1; r += kRows) Micro<kRows, G>(p, w, r, t0);
+  for (; r < r1; ++r) Micro<1, G>(p, w, r, t0);
+}
+
+VNNI_TARGET void ScanMany(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  // Split the tiles into near-equal groups of at most kMaxTiles.
+  const int64_t groups = (p.tiles + kMaxTiles - 1) / kMaxTiles;
+  int64_t t0 = 0;
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t g = (p.tiles - t0) / (groups - gi);
+    switch (g) {
+      case 1: ScanTiles<1>(p, w, r0, r1, t0); break;
+      case 2: ScanTiles<2>(p, w, r0, r1, t0); break;
+      case 3: ScanTiles<3>(p, w, r0, r1, t0); break;
+      default: ScanTiles<4>(p, w, r0, r1, t0); break;
+    }
+    t0 += g;
+  }
+}
+
+void ScanBlock(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  switch (p.q) {
+    case 1: ScanSmall<1>(p, w, r0, r1); return;
+    case 2: ScanSmall<2>(p, w, r0, r1); return;
+    case 3: ScanSmall<3>(p, w, r0, r1); return;
+    case 4: ScanSmall<4>(p, w, r0, r1); return;
+    default: ScanMany(p, w, r0, r1); return;
+  }
+}
+
+// Work shared between the calling thread and pool tasks; tasks that start after the work is gone
+// return at once, so no one waits for a task the pool never runs.
+struct Shared {
+  Problem p;
+  int64_t blocks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int> slots{0};
+  std::vector<Worker> workers;
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;
+
+  void Run() {
+    int64_t b = next.fetch_add(1);
+    if (b >= blocks) return;
+    const int slot = slots.fetch_add(1);
+    Worker& w = workers[slot];
+    w.Init(p);
+    int64_t mine = 0;
+    for (; b < blocks; b = next.fetch_add(1), ++mine) {
+      const int64_t r0 = b * kBlockRows;
+      ScanBlock(p, w, r0, std::min(p.n, r0 + kBlockRows));
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    done += mine;
+    if (done == blocks) cv.notify_all();
+  }
+};
+
+}  // namespace
+
+static bool CpuSupported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+extern "C" int vgg_int8_topk_supported() { return CpuSupported() ? 1 : 0; }
+
+static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::Buffer<ffi::S8> m,
+                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
+                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
+                           ffi::ResultBuffer<ffi::S32> out_i) {
+  auto qd = q8.dimensions(), md = m.dimensions(), od = out_s->dimensions();
+  if (qd.size() != 2 || md.size() != 2 || qd[1] != md[1] || od.size() != 2 || od[0] != qd[0])
+    return ffi::Error::InvalidArgument("int8_topk: expected q [Q, D], m [N, D], out [Q, k]");
+  const int64_t nq = qd[0], d = qd[1], n = md[0], k = od[1];
+  if (scale.element_count() != size_t(n) || bias.element_count() != size_t(n) ||
+      qmul.element_count() != size_t(nq))
+    return ffi::Error::InvalidArgument("int8_topk: scale/bias need [N], qmul [Q]");
+  if (d % 4 != 0 || d > 65536)
+    return ffi::Error::InvalidArgument("int8_topk: D must be a multiple of 4 and <= 65536");
+  if (!CpuSupported()) return ffi::Error::Internal("int8_topk: this CPU lacks AVX512-VNNI");
+
+  auto sh = std::make_shared<Shared>();
+  Problem& p = sh->p;
+  p.m = m.typed_data();
+  p.scale = scale.typed_data();
+  p.bias = bias.typed_data();
+  p.n = n;
+  p.d = d;
+  p.q = nq;
+  p.k = k;
+  p.tiles = (nq + 15) / 16;
+  // Queries as unsigned bytes (q + 128); the many-query loop wants them interleaved by 16.
+  std::vector<uint8_t> packed;
+  std::vector<float> qm;
+  const int8_t* qs = q8.typed_data();
+  if (nq <= kSmallQ) {
+    p.dp = (d + 63) / 64 * 64;
+    packed.assign(nq * p.dp, 128);
+    for (int64_t j = 0; j < nq; ++j)
+      for (int64_t c = 0; c < d; ++c) packed[j * p.dp + c] = uint8_t(qs[j * d + c] + 128);
+    qm.assign(qmul.typed_data(), qmul.typed_data() + nq);
+  } else {
+    p.dp = d;
+    const int64_t quads = d / 4;
+    packed.assign(p.tiles * quads * 64, 128);
+    for (int64_t j = 0; j < nq; ++j) {
+      const int64_t t = j / 16, lane = j % 16;
+      for (int64_t c = 0; c < d; ++c)
+        packed[((t * quads + c / 4) * 16 + lane) * 4 + c % 4] = uint8_t(qs[j * d + c] + 128);
+    }
+    qm.assign(p.tiles * 16, 0.0f);
+    std::copy(qmul.typed_data(), qmul.typed_data() + nq, qm.begin());
+  }
+  p.qpacked = packed.data();
+  p.qmul = qm.data();
+
+  sh->blocks = (n + kBlockRows - 1) / kBlockRows;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), sh->blocks - 1);
+  sh->workers.resize(helpers + 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh] { sh->Run(); });
+  sh->Run();
+  if (sh->blocks > 0) {
+    std::unique_lock<std::mutex> lock(sh->mu);
+    sh->cv.wait(lock, [&] { return sh->done == sh->blocks; });
+  }
+
+  // Merge the workers' heaps: best first, ties to the lower row; -inf / -1 where fewer than k.
+  float* os = out_s->typed_data();
+  int32_t* oi = out_i->typed_data();
+  const int used = sh->slots.load();
+  std::vector<Cand> all;
+  for (int64_t j = 0; j < nq; ++j) {
+    all.clear();
+    for (int s = 0; s < used; ++s) {
+      const Heap& h = sh->workers[s].heaps[j];
+      all.insert(all.end(), h.h, h.h + h.n);
+    }
+    const int64_t take = std::min<int64_t>(k, all.size());
+    std::partial_sort(all.begin(), all.begin() + take, all.end(),
+                      [](const Cand& a, const Cand& b) { return Before(a.s, a.i, b); });
+    for (int64_t c = 0; c < k; ++c) {
+      os[j * k + c] = c < take ? all[c].s : -std::numeric_limits<float>::infinity();
+      oi[j * k + c] = c < take ? all[c].i : -1;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VggInt8TopK, Int8TopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

@@ -1,0 +1,120 @@
+"""The fused int8 scan + top-k kernel (engine/native) against integer brute force and XLA's path."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_search import clustered
+
+from engine import native, search
+from engine.store import Index, quantize_int8
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=native.status())
+
+
+def _reference(q8, m8, scale, qmul, bias, k):
+  """Rank by float32(dot) * scale * qmul + bias as the kernel does; ties to the lower row."""
+  dot = q8.astype(np.int64) @ m8.astype(np.int64).T
+  s = (dot.astype(np.float32) * scale[None]) * qmul[:, None] + bias[None]
+  ids = np.full((len(q8), k), -1)
+  vals = np.full((len(q8), k), -np.inf, np.float32)
+  for j, row in enumerate(s):
+    order = np.lexsort((np.arange(len(row)), -row))
+    order = order[np.isfinite(row[order])][:k]
+    ids[j, : len(order)] = order
+    vals[j, : len(order)] = row[order]
+  return vals, ids
+
+
+def _kernel(q8, m8, scale, qmul, bias, k):
+  import jax
+  import jax.numpy as jnp
+
+  out = (
+    jax.ShapeDtypeStruct((len(q8), k), jnp.float32),
+    jax.ShapeDtypeStruct((len(q8), k), jnp.int32),
+  )
+  call = jax.jit(lambda *a: jax.ffi.ffi_call(native.INT8_TOPK, out)(*a))
+  return [np.asarray(a) for a in call(q8, m8, scale, qmul, bias)]
+
+
+@pytest.mark.parametrize(
+  "n,d,q,k",
+  [
+    (5000, 512, 1, 10),  # one query: the row-at-a-time loop
+    (3001, 100, 3, 7),  # D not a multiple of 64: masked tail loads
+    (4099, 64, 4, 20),
+    (9000, 516, 5, 10),  # one tile of 16 queries, 4 rows per step plus a tail row
+    (2050, 128, 17, 3),  # two tiles
+    (5000, 256, 100, 20),  # seven tiles in groups of four and three
+    (100, 512, 40, 150),  # k above the valid rows: -inf / -1 padding
+  ],
+)
+def test_kernel_equals_integer_brute_force(n, d, q, k):
+  rng = np.random.default_rng(n + q)
+  m8 = rng.integers(-127, 128, (n, d), dtype=np.int8)
+  q8 = rng.integers(-127, 128, (q, d), dtype=np.int8)
+  scale = rng.uniform(0.5, 1.5, n).astype(np.float32)
+  qmul = rng.uniform(0.5, 1.5, q).astype(np.float32)
+  bias = np.where(rng.random(n) < 0.1, -np.inf, 0.0).astype(np.float32)
+  vals, ids = _kernel(q8, m8, scale, qmul, bias, k)
+  ref_vals, ref_ids = _reference(q8, m8, scale, qmul, bias, k)
+  np.testing.assert_array_equal(ids, ref_ids)
+  np.testing.assert_array_equal(vals, ref_vals)
+
+
+def test_ties_go_to_the_lower_row_whatever_the_threads():
+  # 20,000 identical rows: every score ties; the blocks are shared among threads in any order.
+  n, d, k = 20000, 64, 25
+  m8 = np.tile(np.arange(-32, 32, dtype=np.int8), (n, 1))
+  q8 = np.ones((6, d), np.int8)
+  ones = np.ones(n, np.float32)
+  for _ in range(3):
+    vals, ids = _kernel(q8, m8, ones, np.ones(6, np.float32), np.zeros(n, np.float32), k)
+    np.testing.assert_array_equal(ids, np.tile(np.arange(k), (6, 1)))
+    assert np.all(vals == vals[0, 0])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("q", [1, 2, 9, 33])
+def test_topk_native_matches_xla_int8(metric, q):
+  rng = np.random.default_rng(q)
+  x = clustered(rng, 6000, 96, 50)
+  m8, scale = quantize_int8(x)
+  queries = x[rng.integers(0, len(x), q)] + 0.01 * rng.standard_normal((q, 96)).astype(np.float32)
+  valid = rng.random(len(x)) > 0.3
+  a = search.topk(queries, m8, 12, metric=metric, scales=scale, valid=valid, method="int8")
+  b = search.topk(queries, m8, 12, metric=metric, scales=scale, valid=valid, method="int8-xla")
+  np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+  if metric == "cosine":  # the same float32 operations in the same order: bit-identical
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+  else:
+    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-5, atol=1e-5)
+  assert not np.isin(np.asarray(a[1]), np.flatnonzero(~valid)).any()
+
+
+def test_index_search_uses_the_kernel_and_agrees_with_xla(tmp_path):
+  rng = np.random.default_rng(7)
+  x = clustered(rng, 20000, 128, 200)
+  keys = [f"k{i}" for i in range(len(x))]
+  idx = Index.create(str(tmp_path / "ix"), dim=128, dtype="int8")
+  idx.add(x[:12000], keys[:12000])
+  idx.add(x[12000:], keys[12000:])
+  idx.delete(keys[::7])
+  q = x[rng.integers(0, len(x), 24)]
+  s1, k1 = idx.search(q, k=10)
+  s2, k2 = idx.search(q, k=10, method="int8-xla")
+  np.testing.assert_array_equal(k1, k2)
+  np.testing.assert_array_equal(s1, s2)
+  assert not set(k1.ravel()) & set(keys[::7])
+
+
+def test_disabled_by_environment():
+  env = dict(os.environ, VGG_RETRIEVAL_NATIVE="0")
+  code = "from engine import native; print(native.available(), native.status())"
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+  ).stdout
+  assert out.startswith("False") and "VGG_RETRIEVAL_NATIVE=0" in out
