@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-from engine import search
+from engine import native, search
 from engine.fileio import atomic_write_json
 from engine.store import Index, quantize_int8
 
@@ -202,6 +202,15 @@ def main(argv):
       sec, first = timed(call, reps)
       found = np.asarray(search.chunked_topk(q[:qn], m, k, scales=scales)[1])
       record("jax engine", dtype, "ram", qn, sec, first, nbytes, found)
+      if dtype == "int8":  # the same search on XLA's int8 product instead of the native kernel
+
+        def xcall(qn=qn, qi=qi, m=m, scales=scales):
+          i = next(qi) % (reps + 1) if qn == 1 else 0
+          return search.chunked_topk(q[i : i + qn], m, k, scales=scales, method="int8-xla")
+
+        sec, first = timed(xcall, reps)
+        found = np.asarray(search.chunked_topk(q[:qn], m, k, scales=scales, method="int8-xla")[1])
+        record("jax engine, XLA int8", dtype, "ram", qn, sec, first, nbytes, found)
     if _SKIP_MMAP.value:
       continue
     path = os.path.join(workdir, dtype)
@@ -245,6 +254,7 @@ def main(argv):
     f"\nN={n} D={d} k={k}, medians of {reps} runs, {jax.devices()[0].device_kind}, "
     f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (other users of the machine)"
   )
+  print(native.status())
   print(
     f"floors: bytes / {_MEM_BW.value:g} GB/s; FLOPs / peak {json.dumps({a: round(b) for a, b in peaks.items()})} GFLOP/s"
   )

@@ -19,9 +19,11 @@ Storage dtypes: float32, float16, bfloat16 and int8 (symmetric, one float32 scal
     at 7-9 GB/s and bfloat16 at ~18 GB/s (about 10 G elements/s); the same thing written as a dot
     with one query, or as a 3-D broadcast, ran at 0.1-0.9 GB/s. Used for bfloat16 at Q = 1.
   * float32: the library matrix-vector / matrix product (28-40 GB/s at Q = 1, ~250 GFLOP/s).
-  * int8: int8 x int8 with int32 accumulation (~150-250 GFLOP/s; asking for a float32 result
-    instead drops to ~100). One query is padded to two: 10-12 GB/s, where the product with a
-    single query runs at 0.9 GB/s and the fused reduce at 7-8 GB/s.
+  * int8 on an x86 CPU with AVX512-VNNI: the native fused scan + top-k of `engine.native`
+    (an XLA FFI call; about 25 GB/s at Q = 1 and 850-900 GOP/s at Q = 64-128 on two cores), which
+    never writes the [Q, N] scores. Elsewhere, and as method "int8-xla": XLA's int8 x int8 product
+    with int32 accumulation (~150-250 GOP/s; with a float32 result ~100), one query padded to two
+    (10-12 GB/s, where the product with a single query runs at 0.9 GB/s).
   * bfloat16, Q > 1: the bf16 product with float32 accumulation (~100-150 GFLOP/s, no AMX seen).
   * float16: no fast path exists (XLA's convert, the bit decode in `decode` and numpy all ran at
     1-2 GB/s): prefer bfloat16 or int8.
@@ -96,7 +98,7 @@ def _choose_method(q: int, dtype) -> str:
   if dtype == jnp.float32 or dtype == jnp.float16:
     return "f32"
   if dtype == jnp.int8:
-    return "int8"  # one query is padded to two: 10-12 GB/s, against 7-8 for "reduce"
+    return "int8"  # the native kernel where available; XLA pads one query to two (10-12 GB/s)
   return "reduce" if q == 1 else "bf16"
 
 
@@ -128,7 +130,8 @@ def inner_products(
   bfloat16 matrix) rounds the queries to bf16 and runs the bf16 product with float32 accumulation
   (scores carry the queries' rounding, ~1e-3); "bf16x2" splits each query into bf16 high and low
   parts (two products, accurate to ~1e-5); "int8" quantises the queries to int8 (scores then carry the
-  queries' rounding error, ~1e-3) and runs the int8 x int8 product with int32 accumulation.
+  queries' rounding error, ~1e-3) and runs the int8 x int8 product with int32 accumulation
+  ("int8-xla" is the same; in `topk`, "int8" runs the native CPU kernel where it is available).
   """
   if method == "reduce":
     if queries.shape[0] == 1:
@@ -235,8 +238,9 @@ def topk(
     metric: "cosine" (inner product with the normalised query) or "l2" (minus squared distance).
     scales: [N] float32 per-row scales of an int8 matrix (row = int8 * scale); None for floats.
     valid: [N] bool, False for rows that must not be returned (tombstones, filters, padding).
-    method: "reduce", "f32", "bf16", "bf16x2" or "int8" (see `inner_products`); None picks the fastest
-      measured for Q and the dtype.
+    method: "reduce", "f32", "bf16", "bf16x2", "int8" or "int8-xla" (see `inner_products`; "int8"
+      runs the native fused kernel on CPUs where `engine.native.available()`); None picks the
+      fastest measured for Q and the dtype.
 
   Returns:
     scores: [Q, k] float32, best first (-inf where fewer than k rows are valid).
@@ -437,11 +441,20 @@ def _sharded_fn(mesh, axis, k, metric, method, has_scales, has_valid, specs):
   )
 
 
-def chunk_rows_for(q: int, chunk_rows: int | None = None) -> int:
-  """Default rows per kernel call: big chunks for one query (fewer calls), smaller ones for batches
-  so the [Q, rows] float32 scores stay around 32-64 MB."""
+def chunk_rows_for(
+  q: int, chunk_rows: int | None = None, dtype=None, method: str | None = None
+) -> int:
+  """Default rows per kernel call.
+
+  The native int8 kernel keeps only [Q, k] per call, so it takes 1M-row chunks (fewer calls: +4%
+  at Q = 100 over 256K). Otherwise: big chunks for one query, smaller ones for batches so the
+  [Q, rows] float32 scores stay around 32-64 MB.
+  """
   if chunk_rows:
     return int(chunk_rows)
+  fused = dtype is not None and np.dtype(dtype) == np.int8 and method in (None, "int8")
+  if fused and native.available():
+    return 1 << 20
   return 262144 if q <= 1 else 65536
 
 
@@ -511,7 +524,8 @@ def chunked_topk(
   q = jnp.asarray(queries, jnp.float32)
   n, d = matrix.shape
   best = empty_topk(q.shape[0], k)
-  for start, rows, padded in plan_chunks(n, chunk_rows_for(q.shape[0], chunk_rows)):
+  rows_per_call = chunk_rows_for(q.shape[0], chunk_rows, matrix.dtype, method)
+  for start, rows, padded in plan_chunks(n, rows_per_call):
     stop = start + rows
     m = matrix[start:stop]
     sc = None if scales is None else scales[start:stop]

@@ -1089,7 +1089,7 @@ class Index:
       rerank: if > k, fetch this many candidates and re-score them exactly from the float32 copy
         (needs keep_float32=True unless the storage dtype is float32).
       chunk_rows: rows per kernel call (fixed shape: compiled once per query bucket); default
-        `engine.search.chunk_rows_for(Q)`.
+        `engine.search.chunk_rows_for(Q, dtype=...)`.
       method: kernel method override, see `engine.search.topk`.
 
     Returns:
@@ -1185,8 +1185,8 @@ class Index:
     qpad = 1 << max(0, (nq - 1).bit_length()) if nq <= 8 else -(-nq // 8) * 8
     qj = jax.device_put(np.concatenate([q, np.zeros((qpad - nq, q.shape[1]), np.float32)]))
     best_s, best_i = search.empty_topk(qpad, kk)
-    chunk_rows = search.chunk_rows_for(qpad, chunk_rows)
     dtype = _IN_MEMORY[self.dtype]
+    chunk_rows = search.chunk_rows_for(qpad, chunk_rows, dtype, method)
     for seg in self._segments:
       valid = self._valid_mask(seg, allowed)
       for start, n, padded in search.plan_chunks(seg.rows, chunk_rows):

@@ -11,7 +11,7 @@
 //   * Few queries (Q <= kSmallQ): one row at a time, 64 bytes per instruction, a horizontal sum per
 //     row: memory-bound, about 8 instructions per 512-byte row and query.
 //   * Many queries: lanes are queries. Queries are packed as [Q/16][D/4][16][4]; each 4-byte group
-//     of a row is broadcast and multiplied with 16 queries at once, kRows rows by up to kMaxTiles
+//     of a row is broadcast and multiplied with 16 queries at once, 4-12 rows by up to kMaxTiles
 //     tiles of 16 queries in registers (a GEMM micro-kernel).
 // Rows are split into blocks shared by XLA's intra-op thread pool and the calling thread.
 // Ties are broken towards the lower row number, so the result does not depend on the threads.
@@ -36,7 +36,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kSmallQ = 4;              // up to this many queries: the row-at-a-time loop
-constexpr int kRows = 4;                // rows per micro-kernel step in the many-query loop
 constexpr int kMaxTiles = 4;            // tiles of 16 queries per pass: 32 KB at D = 512, in L1
 constexpr int64_t kBlockRows = 2048;    // rows per unit of work handed to a thread
 constexpr int64_t kPrefetchBytes = 8192;  // software prefetch distance along the rows
@@ -102,6 +101,7 @@ struct Worker {
   std::vector<Cand> cand;    // [Q][k]
   std::vector<float> thr;    // [tiles * 16]
   std::vector<Heap> heaps;   // [Q]
+  std::vector<int32_t> rowsum;  // row sums of the block being scanned
   void Init(const Problem& p) {
     cand.resize(p.q * p.k);
     // Padding lanes never pass the compare; real queries start at -inf.
@@ -172,7 +172,8 @@ VNNI_TARGET __attribute__((always_inline)) inline void Step(__m512i (&acc)[R][G]
 
 // R rows against G tiles of 16 queries starting at tile t0.
 template <int R, int G>
-VNNI_TARGET inline void Micro(const Problem& p, Worker& w, int64_t r, int64_t t0) {
+VNNI_TARGET inline void Micro(const Problem& p, Worker& w, int64_t r, int64_t t0, int32_t* rowsum,
+                              bool first) {
   __m512i acc[R][G];
   for (int i = 0; i < R; ++i)
     for (int g = 0; g < G; ++g) acc[i][g] = _mm512_setzero_si512();
@@ -185,14 +186,15 @@ VNNI_TARGET inline void Micro(const Problem& p, Worker& w, int64_t r, int64_t t0
   int64_t j = 0;
   for (; j + 16 <= quads; j += 16) {
     for (int i = 0; i < R; ++i)
-      _mm_prefetch(reinterpret_cast<const char*>(rows[i] + kPrefetchBytes + 4 * j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(rows[i] + kPrefetchBytes + 4 * j), _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int64_t u = 0; u < 16; ++u) Step<R, G>(acc, crows, qp, quads, j + u);
   }
   for (; j < quads; ++j) Step<R, G>(acc, crows, qp, quads, j);
   for (int i = 0; i < R; ++i) {
     const int64_t row = r + i;
-    const __m512i off = _mm512_set1_epi32(128 * RowSum(rows[i], p.d));
+    if (first) rowsum[i] = RowSum(rows[i], p.d);  // once per row, kept for the other tile groups
+    const __m512i off = _mm512_set1_epi32(128 * rowsum[i]);
     const __m512 sc = _mm512_set1_ps(p.scale[row]);
     const __m512 b = _mm512_set1_ps(p.bias[row]);
     for (int g = 0; g < G; ++g) {
@@ -213,24 +215,31 @@ VNNI_TARGET inline void Micro(const Problem& p, Worker& w, int64_t r, int64_t t0
   }
 }
 
+// Rows per micro-kernel step for G tiles: about 16 accumulators, registers to spare.
+constexpr int RowsFor(int g) { return g >= 4 ? 4 : g == 3 ? 5 : g == 2 ? 8 : 12; }
+
 template <int G>
-VNNI_TARGET void ScanTiles(const Problem& p, Worker& w, int64_t r0, int64_t r1, int64_t t0) {
+VNNI_TARGET void ScanTiles(const Problem& p, Worker& w, int64_t r0, int64_t r1, int64_t t0,
+                           bool first) {
+  constexpr int R = RowsFor(G);
+  int32_t* rowsum = w.rowsum.data() - r0;
   int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows) Micro<kRows, G>(p, w, r, t0);
-  for (; r < r1; ++r) Micro<1, G>(p, w, r, t0);
+  for (; r + R <= r1; r += R) Micro<R, G>(p, w, r, t0, rowsum + r, first);
+  for (; r < r1; ++r) Micro<1, G>(p, w, r, t0, rowsum + r, first);
 }
 
 VNNI_TARGET void ScanMany(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
-  // Split the tiles into near-equal groups of at most kMaxTiles.
+  // Split the tiles into near-equal groups of at most kMaxTiles; each group streams the block.
+  w.rowsum.resize(r1 - r0);
   const int64_t groups = (p.tiles + kMaxTiles - 1) / kMaxTiles;
   int64_t t0 = 0;
   for (int64_t gi = 0; gi < groups; ++gi) {
     const int64_t g = (p.tiles - t0) / (groups - gi);
     switch (g) {
-      case 1: ScanTiles<1>(p, w, r0, r1, t0); break;
-      case 2: ScanTiles<2>(p, w, r0, r1, t0); break;
-      case 3: ScanTiles<3>(p, w, r0, r1, t0); break;
-      default: ScanTiles<4>(p, w, r0, r1, t0); break;
+      case 1: ScanTiles<1>(p, w, r0, r1, t0, gi == 0); break;
+      case 2: ScanTiles<2>(p, w, r0, r1, t0, gi == 0); break;
+      case 3: ScanTiles<3>(p, w, r0, r1, t0, gi == 0); break;
+      default: ScanTiles<4>(p, w, r0, r1, t0, gi == 0); break;
     }
     t0 += g;
   }
