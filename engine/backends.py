@@ -26,9 +26,10 @@ import threading
 
 import numpy as np
 
+from engine import fileio
+
 BACKENDS = ("xla", "openvino", "auto")
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
-CACHE_ENV = "VGG_RETRIEVAL_CACHE"
 EXPORT_VERSION = 1
 EXPORTED_DIR = "exported"
 
@@ -71,10 +72,7 @@ def resolve(backend: str) -> str:
 
 
 def default_cache_dir() -> str:
-  root = os.environ.get(CACHE_ENV) or os.path.join(
-    os.path.expanduser("~"), ".cache", "vgg-retrieval"
-  )
-  return os.path.join(root, EXPORTED_DIR)
+  return os.path.join(fileio.cache_root(), EXPORTED_DIR)
 
 
 def cache_dir_for(extractor) -> str:

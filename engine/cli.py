@@ -12,7 +12,7 @@ import sys
 import numpy as np
 from absl import flags, logging
 
-from engine import backends, checkpoint, images, walk
+from engine import backends, checkpoint, fileio, images, walk
 from engine.descriptors import DESCRIPTORS, Descriptor
 from engine.errors import UserError
 from engine.extractor import PRECISIONS, Extractor
@@ -20,14 +20,11 @@ from engine.fileio import atomic_write, atomic_write_text
 from engine.preprocess import RESIZE_POLICIES
 
 DESCRIPTOR_NAMES = list(DESCRIPTORS)
-CACHE_ENV = "VGG_RETRIEVAL_CACHE"
 
 
 def cache_dir() -> str:
   """Where `weights.fetch` puts converted weights (overridable with $VGG_RETRIEVAL_CACHE)."""
-  return os.environ.get(CACHE_ENV) or os.path.join(
-    os.path.expanduser("~"), ".cache", "vgg-retrieval"
-  )
+  return fileio.cache_root()
 
 
 def define_extractor_flags() -> None:
@@ -36,7 +33,7 @@ def define_extractor_flags() -> None:
     "auto",
     "Converted weights folder (python -m weights.convert / weights.fetch), 'random' or "
     "'random:SEED' (seeded random weights, NOT ImageNet: for demos and tests), or 'auto': the "
-    f"first converted weights in the cache (${CACHE_ENV} or ~/.cache/vgg-retrieval), else "
+    f"first converted weights in the cache (${fileio.CACHE_ENV} or ~/.cache/vgg-retrieval), else "
     "random with a warning.",
   )
   flags.DEFINE_enum("config", "vgg16", ["vgg16", "tiny"], "Model preset for random weights.")

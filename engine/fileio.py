@@ -17,6 +17,16 @@ from typing import IO, Any
 UMASK = os.umask(0)
 os.umask(UMASK)
 
+CACHE_ENV = "VGG_RETRIEVAL_CACHE"
+
+
+def cache_root() -> str:
+  """The engine's per-user cache (converted weights, exported models, compiled kernels):
+  `$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`."""
+  return os.environ.get(CACHE_ENV) or os.path.join(
+    os.path.expanduser("~"), ".cache", "vgg-retrieval"
+  )
+
 
 def fsync_dir(path: str | os.PathLike) -> None:
   fd = os.open(path, os.O_RDONLY)

@@ -46,7 +46,8 @@ def _kernel(q8, m8, scale, qmul, bias, k):
     (5000, 512, 1, 10),  # one query: the row-at-a-time loop
     (3001, 100, 3, 7),  # D not a multiple of 64: masked tail loads
     (4099, 64, 4, 20),
-    (9000, 516, 5, 10),  # one tile of 16 queries, 4 rows per step plus a tail row
+    (9000, 516, 8, 10),
+    (9001, 516, 9, 10),  # one tile of 16 queries, 12 rows per step plus tail rows
     (2050, 128, 17, 3),  # two tiles
     (5000, 256, 100, 20),  # seven tiles in groups of four and three
     (100, 512, 40, 150),  # k above the valid rows: -inf / -1 padding

@@ -3,8 +3,8 @@
 One kernel today: `int8_topk.cc`, a fused int8 scan + top-k for x86 CPUs with AVX512-VNNI (see the
 file's header and BUILD.md for why XLA's own int8 product is not enough on CPU). It is compiled from
 source with the system C++ compiler on first use, against the FFI headers that ship with jaxlib, and
-cached under `$VGG_RETRIEVAL_CACHE` (default `~/.cache/vgg-retrieval-engine`), keyed by the source,
-the jaxlib version and the compiler. Where it cannot be used (another architecture, a CPU without
+cached in `native/` of the engine's cache (`$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`),
+keyed by the source, the jaxlib version and the compiler. Where it cannot be used (another architecture, a CPU without
 VNNI, no compiler, `VGG_RETRIEVAL_NATIVE=0`) `available()` is False, the reason is logged once, and
 `engine.search` runs XLA's int8 product instead: same results, slower.
 
@@ -24,16 +24,15 @@ from pathlib import Path
 
 from absl import logging
 
+from engine import fileio
+
 INT8_TOPK = "vgg_int8_topk"
 SOURCE = Path(__file__).with_name("int8_topk.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
 def _cache_dir() -> Path:
-  root = os.environ.get("VGG_RETRIEVAL_CACHE") or os.path.join(
-    os.path.expanduser("~"), ".cache", "vgg-retrieval-engine"
-  )
-  return Path(root) / "native"
+  return Path(fileio.cache_root()) / "native"
 
 
 def _compiler() -> str | None:

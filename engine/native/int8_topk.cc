@@ -35,7 +35,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kSmallQ = 4;              // up to this many queries: the row-at-a-time loop
+constexpr int kSmallQ = 8;              // up to this many queries: the row-at-a-time loop
 constexpr int kMaxTiles = 4;            // tiles of 16 queries per pass: 32 KB at D = 512, in L1
 constexpr int64_t kBlockRows = 2048;    // rows per unit of work handed to a thread
 constexpr int64_t kPrefetchBytes = 8192;  // software prefetch distance along the rows
@@ -251,6 +251,10 @@ void ScanBlock(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
     case 2: ScanSmall<2>(p, w, r0, r1); return;
     case 3: ScanSmall<3>(p, w, r0, r1); return;
     case 4: ScanSmall<4>(p, w, r0, r1); return;
+    case 5: ScanSmall<5>(p, w, r0, r1); return;
+    case 6: ScanSmall<6>(p, w, r0, r1); return;
+    case 7: ScanSmall<7>(p, w, r0, r1); return;
+    case 8: ScanSmall<8>(p, w, r0, r1); return;
     default: ScanMany(p, w, r0, r1); return;
   }
 }
