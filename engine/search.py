@@ -318,7 +318,8 @@ def _topk_native_int8(queries, matrix, scales, valid, *, k, metric):
     jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.float32),
     jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.int32),
   )
-  scores, ids = jax.ffi.ffi_call(native.INT8_TOPK, out)(q8, matrix, scales, qmul, bias)
+  call = jax.ffi.ffi_call(native.INT8_TOPK, out, vmap_method="sequential")
+  scores, ids = call(q8, matrix, scales, qmul, bias)
   if metric == "l2":
     scores = scores - jnp.sum(queries * queries, axis=1, keepdims=True)
   else:

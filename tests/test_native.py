@@ -119,3 +119,16 @@ def test_disabled_by_environment():
     [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
   ).stdout
   assert out.startswith("False") and "VGG_RETRIEVAL_NATIVE=0" in out
+
+
+def test_vmap_over_query_batches():
+  import jax
+
+  rng = np.random.default_rng(3)
+  m8, scale = quantize_int8(clustered(rng, 3000, 64, 30))
+  qs = rng.standard_normal((3, 5, 64)).astype(np.float32)
+  s, i = jax.vmap(lambda q: search.topk(q, m8, 6, scales=scale))(qs)
+  for b in range(3):
+    sb, ib = search.topk(qs[b], m8, 6, scales=scale)
+    np.testing.assert_array_equal(np.asarray(i[b]), np.asarray(ib))
+    np.testing.assert_array_equal(np.asarray(s[b]), np.asarray(sb))

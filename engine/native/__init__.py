@@ -104,6 +104,20 @@ def _load() -> str | None:
   return None
 
 
+def vnni_peak_gops(threads: int, seconds: float = 0.3) -> float:
+  """Measured VNNI int8 multiply-add ceiling of `threads` cores at once, in GOP/s (needs the kernel)."""
+  import ctypes
+  from concurrent.futures import ThreadPoolExecutor
+
+  if not available():
+    raise RuntimeError(status())
+  fn = ctypes.CDLL(str(build())).vgg_vnni_peak_gops
+  fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64]
+  iters = max(1, int(fn(100_000) * 1e9 * seconds / (12 * 64 * 2)))  # calibrate, then time
+  with ThreadPoolExecutor(threads) as pool:  # ctypes releases the GIL during the call
+    return sum(pool.map(fn, [iters] * threads))
+
+
 def available() -> bool:
   """True when the int8 kernel is compiled, loaded and registered for this CPU."""
   reason = _load()

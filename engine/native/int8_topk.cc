@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -297,6 +298,26 @@ static bool CpuSupported() {
 }
 
 extern "C" int vgg_int8_topk_supported() { return CpuSupported() ? 1 : 0; }
+
+// The instruction ceiling of this kernel: `iters` x 12 independent vpdpbusd on one thread, in
+// GOP/s (one multiply-add = 2 operations). Benchmarks run it on every core at once for the floor.
+extern "C" VNNI_TARGET double vgg_vnni_peak_gops(int64_t iters) {
+  const __m512i a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x01010101);
+  __m512i c[12];
+  for (auto& x : c) x = _mm512_setzero_si512();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < iters; ++i) {
+    for (auto& x : c) x = _mm512_dpbusd_epi32(x, a, b);
+    __asm__ volatile("" : "+v"(c[0]), "+v"(c[1]), "+v"(c[2]), "+v"(c[3]), "+v"(c[4]), "+v"(c[5]),
+                     "+v"(c[6]), "+v"(c[7]), "+v"(c[8]), "+v"(c[9]), "+v"(c[10]), "+v"(c[11]));
+  }
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  __m512i sum = c[0];
+  for (int j = 1; j < 12; ++j) sum = _mm512_add_epi32(sum, c[j]);
+  volatile int32_t sink = _mm512_reduce_add_epi32(sum);
+  (void)sink;
+  return double(iters) * 12 * 64 * 2 / sec / 1e9;
+}
 
 static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::Buffer<ffi::S8> m,
                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
