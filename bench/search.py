@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from engine import native, search
+from engine.descriptors import Whitening
 from engine.fileio import atomic_write_json
 from engine.store import Index, quantize_int8
 
@@ -41,6 +42,12 @@ _MEM_BW = flags.DEFINE_float("mem_gbps", 30.0, "Measured memory read bandwidth f
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the index files (default: tmp).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 _SKIP_MMAP = flags.DEFINE_bool("skip_mmap", False, "Skip the memory-mapped index runs.")
+_WHITEN = flags.DEFINE_integer(
+  "whiten",
+  0,
+  "With --features: learn PCA whitening to this many dims on the index rows "
+  "(engine.Whitening, as a retrieval pipeline would) and apply it to rows and queries; 0: none.",
+)
 _FEATURES = flags.DEFINE_string(
   "features",
   None,
@@ -138,8 +145,15 @@ def main(argv):
     feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
     held_out = rng.permutation(len(feats))
     x, q = feats[held_out[nq:]], feats[held_out[:nq]]
+    if _WHITEN.value:
+      white = Whitening.learn(x, _WHITEN.value)
+      x, q = white(x), white(q)
     n, d = x.shape
-    print(f"data: {n} x {d} features from {_FEATURES.value}, {nq} held-out queries", flush=True)
+    print(
+      f"data: {n} x {d} features from {_FEATURES.value}, {nq} held-out queries, "
+      f"whitening {_WHITEN.value or 'none'}",
+      flush=True,
+    )
   else:
     x = clustered(rng, n, d, _CLUSTERS.value, _SPREAD.value)
     noise = 0.15 * rng.standard_normal((nq, d), np.float32)

@@ -303,17 +303,30 @@ extern "C" int vgg_int8_topk_supported() { return CpuSupported() ? 1 : 0; }
 // GOP/s (one multiply-add = 2 operations). Benchmarks run it on every core at once for the floor.
 extern "C" VNNI_TARGET double vgg_vnni_peak_gops(int64_t iters) {
   const __m512i a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x01010101);
-  __m512i c[12];
-  for (auto& x : c) x = _mm512_setzero_si512();
+  // Twelve named accumulators (an array would live on the stack and time store forwarding).
+  __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0,
+          c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < iters; ++i) {
-    for (auto& x : c) x = _mm512_dpbusd_epi32(x, a, b);
-    __asm__ volatile("" : "+v"(c[0]), "+v"(c[1]), "+v"(c[2]), "+v"(c[3]), "+v"(c[4]), "+v"(c[5]),
-                     "+v"(c[6]), "+v"(c[7]), "+v"(c[8]), "+v"(c[9]), "+v"(c[10]), "+v"(c[11]));
+    c0 = _mm512_dpbusd_epi32(c0, a, b);
+    c1 = _mm512_dpbusd_epi32(c1, a, b);
+    c2 = _mm512_dpbusd_epi32(c2, a, b);
+    c3 = _mm512_dpbusd_epi32(c3, a, b);
+    c4 = _mm512_dpbusd_epi32(c4, a, b);
+    c5 = _mm512_dpbusd_epi32(c5, a, b);
+    c6 = _mm512_dpbusd_epi32(c6, a, b);
+    c7 = _mm512_dpbusd_epi32(c7, a, b);
+    c8 = _mm512_dpbusd_epi32(c8, a, b);
+    c9 = _mm512_dpbusd_epi32(c9, a, b);
+    c10 = _mm512_dpbusd_epi32(c10, a, b);
+    c11 = _mm512_dpbusd_epi32(c11, a, b);
+    __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5), "+v"(c6),
+                     "+v"(c7), "+v"(c8), "+v"(c9), "+v"(c10), "+v"(c11));
   }
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  __m512i sum = c[0];
-  for (int j = 1; j < 12; ++j) sum = _mm512_add_epi32(sum, c[j]);
+  __m512i sum = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                                 _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
+  sum = _mm512_add_epi32(sum, _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)));
   volatile int32_t sink = _mm512_reduce_add_epi32(sum);
   (void)sink;
   return double(iters) * 12 * 64 * 2 / sec / 1e9;
