@@ -12,8 +12,8 @@ first over N at Q = --q_for_n, then over Q at the largest N. Every figure is the
 
 Floors for one batch of Q queries: memory = bytes of the stored matrix / --mem_gbps (one pass over
 the data serves the whole batch) and matrix unit = 2 N D Q FLOPs / the measured peak of the dtype's
-product (float32 ~300 GFLOP/s; int8 and bfloat16 ~1.2 TFLOP/s in JAX on this machine: see
-/work/shared/PERFORMANCE.md). The plot (matplotlib, optional) draws both next to the measurements.
+product (float32 ~300 GFLOP/s; bfloat16 ~1.2 TFLOP/s in JAX with AMX: see
+/work/shared/PERFORMANCE.md; int8 with the native kernel: its VNNI ceiling, measured at start). The plot (matplotlib, optional) draws both next to the measurements.
 Prints a table last; writes JSON with --output.
 """
 
@@ -29,6 +29,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from engine import native
 from engine.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -141,6 +142,8 @@ def main(argv):
     "bfloat16": _PEAK_LOW.value,
     "int8": _PEAK_LOW.value,
   }
+  if native.available():  # int8 runs the native VNNI kernel: its measured instruction ceiling
+    peaks["int8"] = native.vnni_peak_gops(len(os.sched_getaffinity(0)))
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="scaling-")
   os.makedirs(workdir, exist_ok=True)
   rng = np.random.default_rng(1)
@@ -245,7 +248,9 @@ if __name__ == "__main__":
   _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (median).")
   _MEM_GBPS = flags.DEFINE_float("mem_gbps", 30.0, "Memory read bandwidth of the floor.")
   _PEAK_FP32 = flags.DEFINE_float("peak_fp32_gflops", 300.0, "float32 matmul peak in JAX.")
-  _PEAK_LOW = flags.DEFINE_float("peak_low_gflops", 1200.0, "int8/bf16 matmul peak in JAX.")
+  _PEAK_LOW = flags.DEFINE_float(
+    "peak_low_gflops", 1200.0, "bf16 (and int8 without the native kernel) matmul peak in JAX."
+  )
   _PLOT = flags.DEFINE_string("plot", None, "Write the plot (PNG) here; needs matplotlib.")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where the index files go (default: a tmp dir).")
   _SMALL = flags.DEFINE_bool("small", False, "Quick check: D = 64, N up to 1e4, Q in {1, 16}.")

@@ -188,7 +188,7 @@ VNNI_TARGET inline void Micro(const Problem& p, Worker& w, int64_t r, int64_t t0
   for (; j + 16 <= quads; j += 16) {
     for (int i = 0; i < R; ++i)
       _mm_prefetch(reinterpret_cast<const char*>(rows[i] + kPrefetchBytes + 4 * j), _MM_HINT_T1);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int64_t u = 0; u < 16; ++u) Step<R, G>(acc, crows, qp, quads, j + u);
   }
   for (; j < quads; ++j) Step<R, G>(acc, crows, qp, quads, j);
