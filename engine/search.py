@@ -24,7 +24,10 @@ Storage dtypes: float32, float16, bfloat16 and int8 (symmetric, one float32 scal
     never writes the [Q, N] scores. Elsewhere, and as method "int8-xla": XLA's int8 x int8 product
     with int32 accumulation (~150-250 GOP/s; with a float32 result ~100), one query padded to two
     (10-12 GB/s, where the product with a single query runs at 0.9 GB/s).
-  * bfloat16, Q > 1: the bf16 product with float32 accumulation (~100-150 GFLOP/s, no AMX seen).
+  * bfloat16, Q <= 8, on an x86 CPU with AVX512-BF16: the same native fused kernel on vdpbf16ps,
+    queries as bf16 high + low pairs (float32-accurate; memory-bound). Larger batches, other CPUs
+    and "bf16-xla": the bf16 product with float32 accumulation (~100-150 GFLOP/s, no AMX seen):
+    vdpbf16ps itself ran at 76 GOP/s per core here, a tenth of vpdpbusd.
   * float16: no fast path exists (XLA's convert, the bit decode in `decode` and numpy all ran at
     1-2 GB/s): prefer bfloat16 or int8.
 Plain XLA elementwise loops over the [Q, N] scores ran at about 1 GB/s, so scales, tombstones and
@@ -55,6 +58,9 @@ METRICS = ("cosine", "l2")
 _BLOCK = 128
 
 _DN = (((1,), (1,)), ((), ()))  # contract the feature axis of [Q, D] with [N, D]
+# vdpbf16ps ran at 76 GOP/s per core on the project's CPU (vpdpbusd: 760), below XLA's product on
+# widened rows: the native bfloat16 kernel only serves the memory-bound few-query loop.
+_NATIVE_BF16_MAX_Q = 8
 
 
 def _bits_to_f32(u32: jax.Array) -> jax.Array:
@@ -99,6 +105,8 @@ def _choose_method(q: int, dtype) -> str:
     return "f32"
   if dtype == jnp.int8:
     return "int8"  # the native kernel where available; XLA pads one query to two (10-12 GB/s)
+  if q <= _NATIVE_BF16_MAX_Q and native.available("bfloat16"):
+    return "bf16"  # the native kernel, float32-accurate queries
   return "reduce" if q == 1 else "bf16"
 
 
@@ -146,9 +154,9 @@ def inner_products(
       precision=lax.Precision.HIGHEST,
       preferred_element_type=jnp.float32,
     )
-  elif method == "bf16":
+  elif method in ("bf16", "bf16-xla"):
     if matrix.dtype != jnp.bfloat16:
-      raise ValueError("method='bf16' needs a bfloat16 matrix")
+      raise ValueError(f"method={method!r} needs a bfloat16 matrix")
     s = lax.dot_general(
       queries.astype(jnp.bfloat16), matrix, _DN, preferred_element_type=jnp.float32
     )
@@ -238,9 +246,10 @@ def topk(
     metric: "cosine" (inner product with the normalised query) or "l2" (minus squared distance).
     scales: [N] float32 per-row scales of an int8 matrix (row = int8 * scale); None for floats.
     valid: [N] bool, False for rows that must not be returned (tombstones, filters, padding).
-    method: "reduce", "f32", "bf16", "bf16x2", "int8" or "int8-xla" (see `inner_products`; "int8"
-      runs the native fused kernel on CPUs where `engine.native.available()`); None picks the
-      fastest measured for Q and the dtype.
+    method: "reduce", "f32", "bf16", "bf16x2", "int8", or "int8-xla" / "bf16-xla" (see
+      `inner_products`; "int8" and "bf16" run the native fused kernels on CPUs where
+      `engine.native.available(dtype)`, the "-xla" forms never); None picks the fastest measured
+      for Q and the dtype.
 
   Returns:
     scores: [Q, k] float32, best first (-inf where fewer than k rows are valid).
@@ -262,15 +271,15 @@ def topk(
       jnp.zeros((queries.shape[0], 0), jnp.float32), jnp.zeros((queries.shape[0], 0), jnp.int32), k
     )
   valid = None if valid is None else jnp.asarray(valid, bool)
-  if method == "int8" and _native_fits(matrix) and native.available():
-    # The fused kernel runs on CPUs; other platforms lower the XLA product (same results).
+  if _native_for(method, matrix, queries.shape[0]):
+    # The fused kernel runs on CPUs; other platforms lower XLA's product (same ranking).
     return lax.platform_dependent(
       queries,
       matrix,
       scales,
       valid,
-      cpu=functools.partial(_topk_native_int8, k=k, metric=metric),
-      default=functools.partial(_topk_xla, k=k, metric=metric, method="int8-xla"),
+      cpu=functools.partial(_topk_native, k=k, metric=metric),
+      default=functools.partial(_topk_xla, k=k, metric=metric, method=f"{method}-xla"),
     )
   return _topk_xla(queries, matrix, scales, valid, k=k, metric=metric, method=method)
 
@@ -294,22 +303,38 @@ def _topk_xla(queries, matrix, scales, valid, *, k, metric, method):
   return _pad_k(scores, ids, k)
 
 
-def _native_fits(matrix: jax.Array) -> bool:
-  return matrix.dtype == jnp.int8 and matrix.shape[1] % 4 == 0 and matrix.shape[1] <= 65536
+# method -> the storage dtype its native kernel scans
+_NATIVE = {"int8": "int8", "bf16": "bfloat16"}
 
 
-def _topk_native_int8(queries, matrix, scales, valid, *, k, metric):
-  """The fused VNNI scan + top-k of `engine/native/int8_topk.cc`: no [Q, N] scores in memory.
+def _native_for(method: str, matrix: jax.Array, q: int) -> bool:
+  """Whether `method` on `matrix` with `q` queries runs a native scan kernel (engine.native)."""
+  dtype = _NATIVE.get(method)
+  if dtype is None or matrix.dtype != jnp.dtype(dtype):
+    return False
+  if dtype == "bfloat16" and q > _NATIVE_BF16_MAX_Q:
+    return False
+  row_bytes = matrix.shape[1] * matrix.dtype.itemsize
+  return row_bytes % 4 == 0 and matrix.shape[1] <= 65536 and native.available(dtype)
 
-  The kernel ranks dot(q8, row) * scale * qmul + bias; queries are quantised exactly as in the XLA
-  "int8" method, so cosine scores are bit-identical to it.
+
+def _topk_native(queries, matrix, scales, valid, *, k, metric):
+  """The fused scan + top-k of `engine/native/scan_topk.cc`: no [Q, N] scores in memory.
+
+  The kernel ranks dot(query, row) * scale * qmul + bias. int8 queries are quantised exactly as in
+  the XLA "int8" method, so cosine scores are bit-identical to it; bfloat16 takes the float32
+  queries (a bf16 high + low pair for Q <= 8, accurate to ~1e-5; rounded to bf16 above, ~1e-3).
   """
   n = matrix.shape[0]
-  q8, qscale = _quantize_queries(queries)
+  int8 = matrix.dtype == jnp.int8
+  if int8:
+    q_in, qscale = _quantize_queries(queries)
+  else:
+    q_in, qscale = queries, jnp.ones((queries.shape[0], 1), jnp.float32)
   scales = jnp.ones((n,), jnp.float32) if scales is None else scales.astype(jnp.float32)
   bias = jnp.zeros((n,), jnp.float32) if valid is None else jnp.where(valid, 0.0, -jnp.inf)
   if metric == "l2":
-    bias = bias - _sq_norms(matrix, scales)
+    bias = bias - _sq_norms(matrix, scales if int8 else None)
     qmul = 2.0 * qscale[:, 0]
   else:
     qmul = jnp.ones((queries.shape[0],), jnp.float32)
@@ -318,11 +343,12 @@ def _topk_native_int8(queries, matrix, scales, valid, *, k, metric):
     jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.float32),
     jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.int32),
   )
-  call = jax.ffi.ffi_call(native.INT8_TOPK, out, vmap_method="sequential")
-  scores, ids = call(q8, matrix, scales, qmul, bias)
+  target = native.INT8_TOPK if int8 else native.BF16_TOPK
+  call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+  scores, ids = call(q_in, matrix, scales, qmul, bias)
   if metric == "l2":
     scores = scores - jnp.sum(queries * queries, axis=1, keepdims=True)
-  else:
+  elif int8:
     scores = scores * qscale
   ids = jnp.where(scores == -jnp.inf, -1, ids)
   return _pad_k(scores, ids, k)
@@ -447,14 +473,17 @@ def chunk_rows_for(
 ) -> int:
   """Default rows per kernel call.
 
-  The native int8 kernel keeps only [Q, k] per call, so it takes 1M-row chunks (fewer calls: +4%
-  at Q = 100 over 256K). Otherwise: big chunks for one query, smaller ones for batches so the
+  The native int8 and bfloat16 kernels keep only [Q, k] per call, so they take 1M-row chunks (fewer
+  calls: +4% at Q = 100 over 256K). Otherwise: big chunks for one query, smaller ones for batches so the
   [Q, rows] float32 scores stay around 32-64 MB.
   """
   if chunk_rows:
     return int(chunk_rows)
-  fused = dtype is not None and np.dtype(dtype) == np.int8 and method in (None, "int8")
-  if fused and native.available():
+  name = None if dtype is None else np.dtype(dtype).name
+  fused = {"int8": "int8", "bfloat16": "bf16"}.get(name)
+  if name == "bfloat16" and q > _NATIVE_BF16_MAX_Q:
+    fused = None
+  if fused and method in (None, fused) and native.available(name):
     return 1 << 20
   return 262144 if q <= 1 else 65536
 

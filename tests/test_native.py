@@ -132,3 +132,55 @@ def test_vmap_over_query_batches():
     sb, ib = search.topk(qs[b], m8, 6, scales=scale)
     np.testing.assert_array_equal(np.asarray(i[b]), np.asarray(ib))
     np.testing.assert_array_equal(np.asarray(s[b]), np.asarray(sb))
+
+
+bf16_only = pytest.mark.skipif(not native.available("bfloat16"), reason=native.status())
+
+
+def _bf16_kernel(q, mb, k):
+  import jax
+  import jax.numpy as jnp
+
+  n = len(mb)
+  out = (
+    jax.ShapeDtypeStruct((len(q), k), jnp.float32),
+    jax.ShapeDtypeStruct((len(q), k), jnp.int32),
+  )
+  call = jax.jit(lambda *a: jax.ffi.ffi_call(native.BF16_TOPK, out)(*a))
+  ones = np.ones(n, np.float32)
+  return [np.asarray(a) for a in call(q, mb, ones, np.ones(len(q), np.float32), 0 * ones)]
+
+
+@bf16_only
+@pytest.mark.parametrize("q,d", [(1, 512), (3, 130), (8, 64), (17, 96), (40, 512)])
+def test_bf16_kernel_against_float64(q, d):
+  import ml_dtypes
+
+  rng = np.random.default_rng(q * d)
+  x = clustered(rng, 5000, d, 40)
+  mb = x.astype(ml_dtypes.bfloat16)
+  queries = rng.standard_normal((q, d)).astype(np.float32)
+  vals, ids = _bf16_kernel(queries, mb, 10)
+  # Few queries run as bf16 high + low pairs (float32-accurate); batches round them to bf16.
+  qref = queries if q <= 8 else queries.astype(ml_dtypes.bfloat16).astype(np.float32)
+  exact = qref.astype(np.float64) @ mb.astype(np.float64).T
+  tol = 1e-4 if q <= 8 else 1e-3
+  np.testing.assert_allclose(vals, np.take_along_axis(exact, ids, 1), atol=tol)
+  kth = -np.sort(-exact, axis=1)[:, 9]
+  assert np.all(vals[:, -1] >= kth - tol)  # nothing better than the returned tenth was missed
+
+
+@bf16_only
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_topk_native_bf16_matches_xla(metric):
+  import ml_dtypes
+
+  rng = np.random.default_rng(11)
+  x = clustered(rng, 8000, 128, 80)
+  mb = x.astype(ml_dtypes.bfloat16)
+  queries = x[rng.integers(0, len(x), 4)] + 0.01 * rng.standard_normal((4, 128)).astype(np.float32)
+  valid = rng.random(len(x)) > 0.3
+  a = search.topk(queries, mb, 10, metric=metric, valid=valid, method="bf16")
+  b = search.topk(queries, mb, 10, metric=metric, valid=valid, method="reduce")
+  np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+  np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-5, atol=1e-5)

@@ -1,12 +1,12 @@
 """Native CPU kernels, called from jit-compiled code through XLA's FFI.
 
-One kernel today: `int8_topk.cc`, a fused int8 scan + top-k for x86 CPUs with AVX512-VNNI (see the
-file's header and BUILD.md for why XLA's own int8 product is not enough on CPU). It is compiled from
+`scan_topk.cc`: a fused scan + top-k over int8 rows (x86 CPUs with AVX512-VNNI) and bfloat16 rows
+(AVX512-BF16); see the file's header and BUILD.md for why XLA's own products are not enough on CPU. It is compiled from
 source with the system C++ compiler on first use, against the FFI headers that ship with jaxlib, and
 cached in `native/` of the engine's cache (`$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`),
 keyed by the source, the jaxlib version and the compiler. Where it cannot be used (another architecture, a CPU without
 VNNI, no compiler, `VGG_RETRIEVAL_NATIVE=0`) `available()` is False, the reason is logged once, and
-`engine.search` runs XLA's int8 product instead: same results, slower.
+`engine.search` runs XLA's int8 product instead: same results, slower (likewise `available("bfloat16")`).
 
 `python -m engine.native` builds the kernel and prints whether it is usable.
 """
@@ -27,7 +27,8 @@ from absl import logging
 from engine import fileio
 
 INT8_TOPK = "vgg_int8_topk"
-SOURCE = Path(__file__).with_name("int8_topk.cc")
+BF16_TOPK = "vgg_bf16_topk"
+SOURCE = Path(__file__).with_name("scan_topk.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -43,7 +44,7 @@ def _compiler() -> str | None:
 
 
 def build() -> Path:
-  """Compiles `int8_topk.cc` (once per source, jaxlib and compiler) and returns the library's path.
+  """Compiles `scan_topk.cc` (once per source, jaxlib and compiler) and returns the library's path.
 
   Raises:
     RuntimeError: no C++ compiler, or the compilation failed (its output is in the message).
@@ -64,11 +65,11 @@ def build() -> Path:
     str(_FLAGS).encode(),
   ):
     digest.update(part)
-  out = _cache_dir() / f"int8_topk-{digest.hexdigest()[:16]}.so"
+  out = _cache_dir() / f"scan_topk-{digest.hexdigest()[:16]}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".int8_topk-", suffix=".so", dir=out.parent)
+  fd, tmp = tempfile.mkstemp(prefix=".scan_topk-", suffix=".so", dir=out.parent)
   os.close(fd)
   try:
     proc = subprocess.run(
@@ -84,24 +85,47 @@ def build() -> Path:
 
 
 @functools.cache
-def _load() -> str | None:
-  """Builds, loads and registers the kernel; returns None when usable, else the reason it is not."""
+def _load() -> dict[str, str | None]:
+  """Builds, loads and registers the kernels: {dtype: None when usable, else the reason it is not}."""
   if os.environ.get("VGG_RETRIEVAL_NATIVE", "1") == "0":
-    return "disabled by VGG_RETRIEVAL_NATIVE=0"
+    return dict.fromkeys(_KERNELS, "disabled by VGG_RETRIEVAL_NATIVE=0")
   if platform.machine().lower() not in ("x86_64", "amd64"):
-    return f"the kernel is for x86-64 (this machine: {platform.machine()})"
+    return dict.fromkeys(
+      _KERNELS, f"the kernels are for x86-64 (this machine: {platform.machine()})"
+    )
   try:
     import ctypes
 
     import jax
 
     lib = ctypes.CDLL(str(build()))
-    if not lib.vgg_int8_topk_supported():
-      return "this CPU lacks AVX512-VNNI"
-    jax.ffi.register_ffi_target(INT8_TOPK, jax.ffi.pycapsule(lib.VggInt8TopK), platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    return f"could not build or load {SOURCE.name}: {e}"
-  return None
+    return dict.fromkeys(_KERNELS, f"could not build or load {SOURCE.name}: {e}")
+  out = {}
+  for dtype, (target, handler, supported, extension) in _KERNELS.items():
+    if not getattr(lib, supported)():
+      out[dtype] = f"this CPU lacks {extension}"
+      continue
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, handler)), platform="cpu")
+    out[dtype] = None
+  return out
+
+
+# storage dtype -> (FFI target, handler symbol, support probe, the CPU extension it needs)
+_KERNELS = {
+  "int8": (INT8_TOPK, "VggInt8TopK", "vgg_int8_topk_supported", "AVX512-VNNI"),
+  "bfloat16": (BF16_TOPK, "VggBf16TopK", "vgg_bf16_topk_supported", "AVX512-BF16"),
+}
+_logged: set[str] = set()
+
+
+def available(dtype: str = "int8") -> bool:
+  """True when the scan kernel for `dtype` ("int8" or "bfloat16") is built and usable here."""
+  reason = _load()[dtype]
+  if reason is not None and dtype not in _logged:
+    _logged.add(dtype)
+    logging.info("native %s search kernel not used (XLA instead): %s", dtype, reason)
+  return reason is None
 
 
 def vnni_peak_gops(threads: int, seconds: float = 0.3) -> float:
@@ -118,16 +142,7 @@ def vnni_peak_gops(threads: int, seconds: float = 0.3) -> float:
     return sum(pool.map(fn, [iters] * threads))
 
 
-def available() -> bool:
-  """True when the int8 kernel is compiled, loaded and registered for this CPU."""
-  reason = _load()
-  if reason is not None and not getattr(available, "_logged", False):
-    available._logged = True
-    logging.info("native int8 search kernel not used (XLA's int8 product instead): %s", reason)
-  return reason is None
-
-
 def status() -> str:
   """A one-line description for benchmarks and bug reports."""
-  reason = _load()
-  return "native int8 kernel: in use" if reason is None else f"native int8 kernel: off ({reason})"
+  parts = [f"{d}: {'in use' if r is None else f'off ({r})'}" for d, r in _load().items()]
+  return "native scan kernels: " + "; ".join(parts)
