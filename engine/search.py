@@ -28,7 +28,8 @@ Storage dtypes: float32, float16, bfloat16 and int8 (symmetric, one float32 scal
     queries as bf16 high + low pairs (float32-accurate; memory-bound). Larger batches, other CPUs
     and "bf16-xla": the bf16 product with float32 accumulation (~100-150 GFLOP/s, no AMX seen):
     vdpbf16ps itself ran at 76 GOP/s per core here, a tenth of vpdpbusd.
-  * float16: no fast path exists (XLA's convert, the bit decode in `decode` and numpy all ran at
+  * float16, Q <= 8, on x86 with AVX-512: the native kernel widens rows with vcvtph2ps (exact).
+    Otherwise no fast path exists (XLA's convert, the bit decode in `decode` and numpy all ran at
     1-2 GB/s): prefer bfloat16 or int8.
 Plain XLA elementwise loops over the [Q, N] scores ran at about 1 GB/s, so scales, tombstones and
 filters are folded into one pass (a per-row scale and a per-row 0/-inf bias), a per-query int8 scale
@@ -58,9 +59,9 @@ METRICS = ("cosine", "l2")
 _BLOCK = 128
 
 _DN = (((1,), (1,)), ((), ()))  # contract the feature axis of [Q, D] with [N, D]
-# vdpbf16ps ran at 76 GOP/s per core on the project's CPU (vpdpbusd: 760), below XLA's product on
-# widened rows: the native bfloat16 kernel only serves the memory-bound few-query loop.
-_NATIVE_BF16_MAX_Q = 8
+# The native bfloat16 and float16 kernels serve only the memory-bound few-query loop: vdpbf16ps ran
+# at 76 GOP/s per core on the project's CPU (vpdpbusd: 760), below XLA's product on widened rows.
+_NATIVE_FEW_Q = 8
 
 
 def _bits_to_f32(u32: jax.Array) -> jax.Array:
@@ -105,7 +106,7 @@ def _choose_method(q: int, dtype) -> str:
     return "f32"
   if dtype == jnp.int8:
     return "int8"  # the native kernel where available; XLA pads one query to two (10-12 GB/s)
-  if q <= _NATIVE_BF16_MAX_Q and native.available("bfloat16"):
+  if q <= _NATIVE_FEW_Q and native.available("bfloat16"):
     return "bf16"  # the native kernel, float32-accurate queries
   return "reduce" if q == 1 else "bf16"
 
@@ -146,7 +147,7 @@ def inner_products(
       s = jnp.sum(_widen(matrix) * queries[0], axis=1)[None]
     else:
       s = lax.map(lambda q: jnp.sum(_widen(matrix) * q, axis=1), queries)
-  elif method == "f32":
+  elif method in ("f32", "f32-xla"):
     s = lax.dot_general(
       queries,
       _widen(matrix),
@@ -246,10 +247,10 @@ def topk(
     metric: "cosine" (inner product with the normalised query) or "l2" (minus squared distance).
     scales: [N] float32 per-row scales of an int8 matrix (row = int8 * scale); None for floats.
     valid: [N] bool, False for rows that must not be returned (tombstones, filters, padding).
-    method: "reduce", "f32", "bf16", "bf16x2", "int8", or "int8-xla" / "bf16-xla" (see
-      `inner_products`; "int8" and "bf16" run the native fused kernels on CPUs where
-      `engine.native.available(dtype)`, the "-xla" forms never); None picks the fastest measured
-      for Q and the dtype.
+    method: "reduce", "f32", "bf16", "bf16x2", "int8", or "f32-xla" / "bf16-xla" / "int8-xla" (see
+      `inner_products`; "int8", and "bf16" / "f32" on bfloat16 / float16 rows with Q <= 8, run
+      the native fused kernels on CPUs where `engine.native.available(dtype)`, the "-xla" forms
+      never); None picks the fastest measured for Q and the dtype.
 
   Returns:
     scores: [Q, k] float32, best first (-inf where fewer than k rows are valid).
@@ -304,7 +305,12 @@ def _topk_xla(queries, matrix, scales, valid, *, k, metric, method):
 
 
 # method -> the storage dtype its native kernel scans
-_NATIVE = {"int8": "int8", "bf16": "bfloat16"}
+_NATIVE = {"int8": "int8", "bf16": "bfloat16", "f32": "float16"}
+_NATIVE_TARGETS = {
+  "int8": native.INT8_TOPK,
+  "bfloat16": native.BF16_TOPK,
+  "float16": native.F16_TOPK,
+}
 
 
 def _native_for(method: str, matrix: jax.Array, q: int) -> bool:
@@ -312,7 +318,7 @@ def _native_for(method: str, matrix: jax.Array, q: int) -> bool:
   dtype = _NATIVE.get(method)
   if dtype is None or matrix.dtype != jnp.dtype(dtype):
     return False
-  if dtype == "bfloat16" and q > _NATIVE_BF16_MAX_Q:
+  if dtype != "int8" and q > _NATIVE_FEW_Q:
     return False
   row_bytes = matrix.shape[1] * matrix.dtype.itemsize
   return row_bytes % 4 == 0 and matrix.shape[1] <= 65536 and native.available(dtype)
@@ -343,7 +349,7 @@ def _topk_native(queries, matrix, scales, valid, *, k, metric):
     jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.float32),
     jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.int32),
   )
-  target = native.INT8_TOPK if int8 else native.BF16_TOPK
+  target = _NATIVE_TARGETS[jnp.dtype(matrix.dtype).name]
   call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
   scores, ids = call(q_in, matrix, scales, qmul, bias)
   if metric == "l2":
@@ -480,8 +486,8 @@ def chunk_rows_for(
   if chunk_rows:
     return int(chunk_rows)
   name = None if dtype is None else np.dtype(dtype).name
-  fused = {"int8": "int8", "bfloat16": "bf16"}.get(name)
-  if name == "bfloat16" and q > _NATIVE_BF16_MAX_Q:
+  fused = {"int8": "int8", "bfloat16": "bf16", "float16": "f32"}.get(name)
+  if name in ("bfloat16", "float16") and q > _NATIVE_FEW_Q:
     fused = None
   if fused and method in (None, fused) and native.available(name):
     return 1 << 20

@@ -184,3 +184,22 @@ def test_topk_native_bf16_matches_xla(metric):
   b = search.topk(queries, mb, 10, metric=metric, valid=valid, method="reduce")
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
   np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native.available("float16"), reason=native.status())
+@pytest.mark.parametrize("q,d,metric", [(1, 512, "cosine"), (3, 100, "cosine"), (8, 64, "l2")])
+def test_float16_rows_widened_exactly(q, d, metric):
+  rng = np.random.default_rng(q + d)
+  x = clustered(rng, 6000, d, 50)
+  m16 = x.astype(np.float16)
+  queries = rng.standard_normal((q, d)).astype(np.float32)
+  valid = rng.random(len(x)) > 0.2
+  a = search.topk(queries, m16, 10, metric=metric, valid=valid, method="f32")
+  b = search.topk(queries, m16, 10, metric=metric, valid=valid, method="f32-xla")
+  np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+  np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-5, atol=1e-5)
+  qn = queries / np.linalg.norm(queries, axis=1, keepdims=True) if metric == "cosine" else queries
+  xs = m16.astype(np.float64)
+  exact = qn @ xs.T if metric == "cosine" else -((qn[:, None] - xs[None]) ** 2).sum(-1)
+  got = np.take_along_axis(exact, np.asarray(a[1]), 1)
+  np.testing.assert_allclose(np.asarray(a[0]), got, rtol=1e-5, atol=1e-5)

@@ -1,12 +1,14 @@
 """Native CPU kernels, called from jit-compiled code through XLA's FFI.
 
-`scan_topk.cc`: a fused scan + top-k over int8 rows (x86 CPUs with AVX512-VNNI) and bfloat16 rows
-(AVX512-BF16); see the file's header and BUILD.md for why XLA's own products are not enough on CPU. It is compiled from
+`scan_topk.cc`: a fused scan + top-k over int8 rows (x86 CPUs with AVX512-VNNI), bfloat16 rows
+(AVX512-BF16) and float16 rows (AVX-512; few queries); see the file's header and BUILD.md for why
+XLA's own products are not enough on CPU. It is compiled from
 source with the system C++ compiler on first use, against the FFI headers that ship with jaxlib, and
 cached in `native/` of the engine's cache (`$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`),
 keyed by the source, the jaxlib version and the compiler. Where it cannot be used (another architecture, a CPU without
 VNNI, no compiler, `VGG_RETRIEVAL_NATIVE=0`) `available()` is False, the reason is logged once, and
-`engine.search` runs XLA's int8 product instead: same results, slower (likewise `available("bfloat16")`).
+`engine.search` runs XLA's int8 product instead: same results, slower (likewise for "bfloat16" and
+"float16").
 
 `python -m engine.native` builds the kernel and prints whether it is usable.
 """
@@ -28,6 +30,7 @@ from engine import fileio
 
 INT8_TOPK = "vgg_int8_topk"
 BF16_TOPK = "vgg_bf16_topk"
+F16_TOPK = "vgg_f16_topk"
 SOURCE = Path(__file__).with_name("scan_topk.cc")
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -115,12 +118,13 @@ def _load() -> dict[str, str | None]:
 _KERNELS = {
   "int8": (INT8_TOPK, "VggInt8TopK", "vgg_int8_topk_supported", "AVX512-VNNI"),
   "bfloat16": (BF16_TOPK, "VggBf16TopK", "vgg_bf16_topk_supported", "AVX512-BF16"),
+  "float16": (F16_TOPK, "VggF16TopK", "vgg_f16_topk_supported", "AVX-512"),
 }
 _logged: set[str] = set()
 
 
 def available(dtype: str = "int8") -> bool:
-  """True when the scan kernel for `dtype` ("int8" or "bfloat16") is built and usable here."""
+  """True when the scan kernel for `dtype` ("int8", "bfloat16", "float16") is usable here."""
   reason = _load()[dtype]
   if reason is not None and dtype not in _logged:
     _logged.add(dtype)

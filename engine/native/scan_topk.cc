@@ -1,6 +1,6 @@
 // Fused brute-force scan + top-k for x86 CPUs, called from XLA as FFI custom calls.
 //
-// For every query q and row r of an int8 or bfloat16 matrix it computes
+// For every query q and row r of an int8, bfloat16 or float16 matrix it computes
 //     score[q, r] = dot(query[q], m[r]) * scale[r] * qmul[q] + bias[r]
 // and keeps the k best rows per query without writing the [Q, N] scores: each worker keeps a heap
 // per query and compares a whole vector of scores against the heaps' thresholds at once, so the
@@ -12,6 +12,7 @@
 //   * bfloat16 (AVX512-BF16): vdpbf16ps, pairs of bf16 -> f32. Few queries are split into a bf16
 //     high and low part (float32-accurate scores, the loop is memory-bound anyway); a batch uses
 //     the queries rounded to bf16 (scores within ~1e-3; the index re-scores candidates exactly).
+//   * float16 (AVX-512): vcvtph2ps + vfmadd with float32 queries, exact widening; few queries only.
 // Two inner loops:
 //   * Few queries (Q <= kSmallQ): one row at a time, 64 bytes per instruction, a horizontal sum per
 //     row: memory-bound.
@@ -103,8 +104,13 @@ struct Int8 {
   using Acc = __m512i;
   static constexpr bool kRowSum = true;  // the q + 128 offset needs the row sums
   static constexpr int kSplit = 1;       // packed copies per query in the few-query loop
+  static constexpr int kQBytes = 64;     // packed query bytes per 64 bytes of a row
+  static constexpr bool kTiles = true;   // has the many-query micro-kernel
   KERNEL_TARGET static Acc Zero() { return _mm512_setzero_si512(); }
   KERNEL_TARGET static Acc Dot(Acc a, __m512i q, __m512i x) { return _mm512_dpbusd_epi32(a, q, x); }
+  KERNEL_TARGET static Acc DotRow(Acc a, const uint8_t* q, __m512i x) {
+    return Dot(a, _mm512_loadu_si512(q), x);
+  }
   KERNEL_TARGET static __m512 Scores(Acc a, int32_t rowsum) {
     return _mm512_cvtepi32_ps(_mm512_sub_epi32(a, _mm512_set1_epi32(128 * rowsum)));
   }
@@ -117,11 +123,33 @@ struct Bf16 {
   using Acc = __m512;
   static constexpr bool kRowSum = false;
   static constexpr int kSplit = 2;  // high and low bf16 parts of each query
+  static constexpr int kQBytes = 64;
+  static constexpr bool kTiles = true;
   KERNEL_TARGET static Acc Zero() { return _mm512_setzero_ps(); }
   KERNEL_TARGET static Acc Dot(Acc a, __m512i q, __m512i x) {
     return _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(q), reinterpret_cast<__m512bh>(x));
   }
+  KERNEL_TARGET static Acc DotRow(Acc a, const uint8_t* q, __m512i x) {
+    return Dot(a, _mm512_loadu_si512(q), x);
+  }
   KERNEL_TARGET static __m512 Scores(Acc a, int32_t) { return a; }
+  KERNEL_TARGET static float Score(Acc a, int32_t) { return _mm512_reduce_add_ps(a); }
+};
+
+// float16 rows, widened exactly (vcvtph2ps) against float32 queries: the few-query loop only.
+struct F16 {
+  using Acc = __m512;
+  static constexpr bool kRowSum = false;
+  static constexpr int kSplit = 1;
+  static constexpr int kQBytes = 128;  // 32 halves of a row meet 32 float32 query values
+  static constexpr bool kTiles = false;
+  KERNEL_TARGET static Acc Zero() { return _mm512_setzero_ps(); }
+  KERNEL_TARGET static Acc DotRow(Acc a, const uint8_t* q, __m512i x) {
+    const float* qf = reinterpret_cast<const float*>(q);
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(qf), _mm512_cvtph_ps(_mm512_castsi512_si256(x)), a);
+    return _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16),
+                           _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1)), a);
+  }
   KERNEL_TARGET static float Score(Acc a, int32_t) { return _mm512_reduce_add_ps(a); }
 };
 
@@ -131,6 +159,7 @@ struct Problem {
   const float* bias;
   const float* qmul;
   const uint8_t* qpacked;  // few: [Q][kSplit][dp] bytes; many: [T][row_bytes/4][16][4]
+                           // (dp: the row padded to 64 bytes, times kQBytes / 64)
   int64_t n, row_bytes, dp, q, tiles, k;
 };
 
@@ -176,10 +205,8 @@ KERNEL_TARGET void ScanSmall(const Problem& p, Worker& w, int64_t r0, int64_t r1
       __m512i x = LoadRow(row, c, p.row_bytes);
       if constexpr (E::kRowSum) sum = _mm512_dpbusd_epi32(sum, ones, x);
       for (int j = 0; j < Q; ++j)
-        for (int h = 0; h < E::kSplit; ++h) {
-          __m512i qv = _mm512_loadu_si512(p.qpacked + (j * E::kSplit + h) * p.dp + c);
-          acc[j] = E::Dot(acc[j], qv, x);
-        }
+        for (int h = 0; h < E::kSplit; ++h)
+          acc[j] = E::DotRow(acc[j], p.qpacked + (j * E::kSplit + h) * p.dp + c * (E::kQBytes / 64), x);
     }
     const int32_t rs = E::kRowSum ? _mm512_reduce_add_epi32(sum) : 0;
     const float sc = p.scale[r], b = p.bias[r];
@@ -298,7 +325,9 @@ void ScanBlock(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
     case 6: ScanSmall<6, E>(p, w, r0, r1); return;
     case 7: ScanSmall<7, E>(p, w, r0, r1); return;
     case 8: ScanSmall<8, E>(p, w, r0, r1); return;
-    default: ScanMany<E>(p, w, r0, r1); return;
+    default:
+      if constexpr (E::kTiles) ScanMany<E>(p, w, r0, r1);  // the handlers keep Q <= kSmallQ else
+      return;
   }
 }
 
@@ -371,7 +400,7 @@ ffi::Error Run(const char* name, ffi::ThreadPool& pool, int64_t nq, int64_t d, i
   std::vector<uint8_t> packed;
   std::vector<float> qm;
   if (nq <= kSmallQ) {
-    p.dp = (p.row_bytes + 63) / 64 * 64;
+    p.dp = (p.row_bytes + 63) / 64 * E::kQBytes;
     qm.assign(qmul.typed_data(), qmul.typed_data() + nq);
   } else {
     p.dp = p.row_bytes;
@@ -419,6 +448,7 @@ ffi::Error Run(const char* name, ffi::ThreadPool& pool, int64_t nq, int64_t d, i
 
 extern "C" int vgg_int8_topk_supported() { return VnniSupported() ? 1 : 0; }
 extern "C" int vgg_bf16_topk_supported() { return Bf16Supported() ? 1 : 0; }
+extern "C" int vgg_f16_topk_supported() { return Avx512Bw() ? 1 : 0; }
 
 // The instruction ceiling of this kernel: `iters` x 12 independent vpdpbusd on one thread, in
 // GOP/s (one multiply-add = 2 operations). Benchmarks run it on every core at once for the floor.
@@ -531,6 +561,25 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
                    out_i, pack);
 }
 
+static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> m,
+                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
+                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
+                          ffi::ResultBuffer<ffi::S32> out_i) {
+  auto qd = q.dimensions(), md = m.dimensions();
+  if (qd.size() != 2 || md.size() != 2 || qd[1] != md[1])
+    return ffi::Error::InvalidArgument("f16_topk: expected q [Q, D], m [N, D]");
+  if (qd[0] > kSmallQ) return ffi::Error::InvalidArgument("f16_topk: at most 8 queries per call");
+  if (!Avx512Bw()) return ffi::Error::Internal("f16_topk: this CPU lacks AVX-512");
+  const int64_t nq = qd[0], d = qd[1];
+  const float* qs = q.typed_data();
+  auto pack = [&](const Problem& p, std::vector<uint8_t>& packed) {  // [Q][dp] float32, 0-padded
+    packed.assign(nq * p.dp, 0);
+    for (int64_t j = 0; j < nq; ++j) std::memcpy(&packed[j * p.dp], qs + j * d, 4 * d);
+  };
+  return Run<F16>("f16_topk", pool, nq, d, 2, md[0], m.typed_data(), scale, qmul, bias, out_s,
+                  out_i, pack);
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VggInt8TopK, Int8TopK,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -547,6 +596,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VggBf16TopK, Bf16TopK,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VggF16TopK, F16TopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
