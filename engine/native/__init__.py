@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from absl import logging
@@ -87,9 +88,17 @@ def build() -> Path:
   return out
 
 
-@functools.cache
+_load_lock = threading.Lock()
+
+
 def _load() -> dict[str, str | None]:
-  """Builds, loads and registers the kernels: {dtype: None when usable, else the reason it is not}."""
+  """Builds, loads and registers the kernels once: {dtype: None when usable, else why not}."""
+  with _load_lock:  # concurrent first searches must not build or register twice
+    return _load_once()
+
+
+@functools.cache
+def _load_once() -> dict[str, str | None]:
   if os.environ.get("VGG_RETRIEVAL_NATIVE", "1") == "0":
     return dict.fromkeys(_KERNELS, "disabled by VGG_RETRIEVAL_NATIVE=0")
   if platform.machine().lower() not in ("x86_64", "amd64"):
