@@ -97,16 +97,17 @@ def decode(matrix: jax.Array) -> jax.Array:
   raise TypeError(f"unsupported storage dtype {dt}")
 
 
-def _choose_method(q: int, dtype) -> str:
+def _choose_method(q: int, dtype, d: int | None) -> str:
   # Measured on the project's CPU (see bench/search.py): XLA's YNNPACK fusion runs the [N, D]
   # convert-multiply-reduce at 9-19 GB/s for int8 and bfloat16 (the dot with Q=1 at 0.9-2 GB/s), the
   # float32 matrix-vector product at 28-40 GB/s, the int8 x int8 product with int32 accumulation at
-  # ~150-250 GFLOP/s (with a float32 result: 0.1x that). float16 has no fast path at all.
+  # ~150-250 GFLOP/s (with a float32 result: 0.1x that); XLA has no fast path for float16. The
+  # native kernels (engine.native) beat all of these where `_uses_native` says they run.
   if dtype == jnp.float32 or dtype == jnp.float16:
-    return "f32"
+    return "f32"  # float16: the native kernel up to 8 queries
   if dtype == jnp.int8:
     return "int8"  # the native kernel where available; XLA pads one query to two (10-12 GB/s)
-  if q <= _NATIVE_FEW_Q and native.available("bfloat16"):
+  if _uses_native("bf16", dtype, q, d):
     return "bf16"  # the native kernel, float32-accurate queries
   return "reduce" if q == 1 else "bf16"
 
@@ -265,14 +266,14 @@ def topk(
   if metric == "cosine":
     norm = jnp.linalg.norm(queries, axis=1, keepdims=True)
     queries = queries / jnp.where(norm > 0, norm, 1.0)
-  method = method or _choose_method(queries.shape[0], matrix.dtype)
+  method = method or _choose_method(queries.shape[0], matrix.dtype, matrix.shape[1])
   n = matrix.shape[0]
   if n == 0:
     return _pad_k(
       jnp.zeros((queries.shape[0], 0), jnp.float32), jnp.zeros((queries.shape[0], 0), jnp.int32), k
     )
   valid = None if valid is None else jnp.asarray(valid, bool)
-  if _native_for(method, matrix, queries.shape[0]):
+  if _uses_native(method, matrix.dtype, queries.shape[0], matrix.shape[1]):
     # The fused kernel runs on CPUs; other platforms lower XLA's product (same ranking).
     return lax.platform_dependent(
       queries,
@@ -313,15 +314,17 @@ _NATIVE_TARGETS = {
 }
 
 
-def _native_for(method: str, matrix: jax.Array, q: int) -> bool:
-  """Whether `method` on `matrix` with `q` queries runs a native scan kernel (engine.native)."""
-  dtype = _NATIVE.get(method)
-  if dtype is None or matrix.dtype != jnp.dtype(dtype):
+def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
+  """Whether `method` over rows of `dtype` (D = `d`, if known) with `q` queries runs a native scan
+  kernel (engine.native) on a CPU."""
+  kernel = _NATIVE.get(method)
+  if kernel is None or np.dtype(dtype) != np.dtype(jnp.dtype(kernel)):
     return False
-  if dtype != "int8" and q > _NATIVE_FEW_Q:
+  if kernel != "int8" and q > _NATIVE_FEW_Q:
     return False
-  row_bytes = matrix.shape[1] * matrix.dtype.itemsize
-  return row_bytes % 4 == 0 and matrix.shape[1] <= 65536 and native.available(dtype)
+  if d is not None and ((d * np.dtype(dtype).itemsize) % 4 or d > 65536):
+    return False
+  return native.available(kernel)
 
 
 def _topk_native(queries, matrix, scales, valid, *, k, metric):
@@ -329,7 +332,8 @@ def _topk_native(queries, matrix, scales, valid, *, k, metric):
 
   The kernel ranks dot(query, row) * scale * qmul + bias. int8 queries are quantised exactly as in
   the XLA "int8" method, so cosine scores are bit-identical to it; bfloat16 takes the float32
-  queries (a bf16 high + low pair for Q <= 8, accurate to ~1e-5; rounded to bf16 above, ~1e-3).
+  queries (a bf16 high + low pair for Q <= 8, accurate to ~1e-5; rounded to bf16 above, ~1e-3);
+  float16 rows are widened exactly and meet the float32 queries.
   """
   n = matrix.shape[0]
   int8 = matrix.dtype == jnp.int8
@@ -479,17 +483,13 @@ def chunk_rows_for(
 ) -> int:
   """Default rows per kernel call.
 
-  The native int8 and bfloat16 kernels keep only [Q, k] per call, so they take 1M-row chunks (fewer
-  calls: +4% at Q = 100 over 256K). Otherwise: big chunks for one query, smaller ones for batches so the
-  [Q, rows] float32 scores stay around 32-64 MB.
+  The native kernels keep only [Q, k] per call, so they take 1M-row chunks (fewer calls: +4% at
+  Q = 100 over 256K). Otherwise: big chunks for one query, smaller ones for batches so the [Q, rows]
+  float32 scores stay around 32-64 MB.
   """
   if chunk_rows:
     return int(chunk_rows)
-  name = None if dtype is None else np.dtype(dtype).name
-  fused = {"int8": "int8", "bfloat16": "bf16", "float16": "f32"}.get(name)
-  if name in ("bfloat16", "float16") and q > _NATIVE_FEW_Q:
-    fused = None
-  if fused and method in (None, fused) and native.available(name):
+  if dtype is not None and _uses_native(method or _choose_method(q, dtype, None), dtype, q):
     return 1 << 20
   return 262144 if q <= 1 else 65536
 
