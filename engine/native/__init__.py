@@ -2,15 +2,14 @@
 
 `scan_topk.cc`: a fused scan + top-k over int8 rows (x86 CPUs with AVX512-VNNI), bfloat16 rows
 (AVX512-BF16) and float16 rows (AVX-512; few queries); see the file's header and BUILD.md for why
-XLA's own products are not enough on CPU. It is compiled from
-source with the system C++ compiler on first use, against the FFI headers that ship with jaxlib, and
-cached in `native/` of the engine's cache (`$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`),
-keyed by the source, the jaxlib version and the compiler. Where it cannot be used (another architecture, a CPU without
-VNNI, no compiler, `VGG_RETRIEVAL_NATIVE=0`) `available()` is False, the reason is logged once, and
-`engine.search` runs XLA's int8 product instead: same results, slower (likewise for "bfloat16" and
-"float16").
+XLA's own products are not enough on CPU. It is compiled from source with the system C++ compiler
+on first use, against the FFI headers that ship with jaxlib, and cached in `native/` of the
+engine's cache (`$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`), keyed by the source, the
+jaxlib version and the compiler. Where a kernel cannot be used (another architecture, a CPU without
+the extension, no compiler, `VGG_RETRIEVAL_NATIVE=0`) `available(dtype)` is False, the reason is
+logged once, and `engine.search` runs XLA's products instead: same results, slower.
 
-`python -m engine.native` builds the kernel and prints whether it is usable.
+`python -m engine.native` builds the kernels and prints which are usable.
 """
 
 from __future__ import annotations
@@ -73,18 +72,16 @@ def build() -> Path:
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".scan_topk-", suffix=".so", dir=out.parent)
-  os.close(fd)
-  try:
+  with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+    obj = Path(scratch) / SOURCE.with_suffix(".so").name
     proc = subprocess.run(
-      [cxx, *_FLAGS, f"-I{include}", str(SOURCE), "-o", tmp], capture_output=True, text=True
+      [cxx, *_FLAGS, f"-I{include}", str(SOURCE), "-o", str(obj)], capture_output=True, text=True
     )
     if proc.returncode != 0:
       raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
-    os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    # fsynced and renamed: a crash never leaves a torn library to load (a concurrent build of
+    # the same key writes the same bytes).
+    fileio.atomic_write(out, lambda f: f.write(obj.read_bytes()))
   return out
 
 

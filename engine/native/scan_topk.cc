@@ -205,8 +205,10 @@ KERNEL_TARGET void ScanSmall(const Problem& p, Worker& w, int64_t r0, int64_t r1
       __m512i x = LoadRow(row, c, p.row_bytes);
       if constexpr (E::kRowSum) sum = _mm512_dpbusd_epi32(sum, ones, x);
       for (int j = 0; j < Q; ++j)
-        for (int h = 0; h < E::kSplit; ++h)
-          acc[j] = E::DotRow(acc[j], p.qpacked + (j * E::kSplit + h) * p.dp + c * (E::kQBytes / 64), x);
+        for (int h = 0; h < E::kSplit; ++h) {
+          const uint8_t* qv = p.qpacked + (j * E::kSplit + h) * p.dp + c * (E::kQBytes / 64);
+          acc[j] = E::DotRow(acc[j], qv, x);
+        }
     }
     const int32_t rs = E::kRowSum ? _mm512_reduce_add_epi32(sum) : 0;
     const float sc = p.scale[r], b = p.bias[r];
@@ -372,10 +374,11 @@ bool Bf16Supported() { return Avx512Bw() && __builtin_cpu_supports("avx512bf16")
 // Checks shapes, runs the scan over XLA's thread pool and writes the merged top-k. `pack` fills
 // p.qpacked / p.qmul (it owns their storage in `packed` / `qm`).
 template <class E, class Pack>
-ffi::Error Run(const char* name, ffi::ThreadPool& pool, int64_t nq, int64_t d, int64_t esize,
-               int64_t n, const void* m, ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& qmul,
-               ffi::Buffer<ffi::F32>& bias, ffi::ResultBuffer<ffi::F32>& out_s,
-               ffi::ResultBuffer<ffi::S32>& out_i, Pack pack) {
+ffi::Error ScanTopK(const char* name, ffi::ThreadPool& pool, int64_t nq, int64_t d,
+                    int64_t esize, int64_t n, const void* m, ffi::Buffer<ffi::F32>& scale,
+                    ffi::Buffer<ffi::F32>& qmul, ffi::Buffer<ffi::F32>& bias,
+                    ffi::ResultBuffer<ffi::F32>& out_s, ffi::ResultBuffer<ffi::S32>& out_i,
+                    Pack pack) {
   auto od = out_s->dimensions();
   if (od.size() != 2 || od[0] != nq)
     return ffi::Error::InvalidArgument(std::string(name) + ": expected out [Q, k]");
@@ -475,9 +478,10 @@ extern "C" VNNI_TARGET double vgg_vnni_peak_gops(int64_t iters) {
                      "+v"(c7), "+v"(c8), "+v"(c9), "+v"(c10), "+v"(c11));
   }
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  __m512i sum = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
-                                 _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
-  sum = _mm512_add_epi32(sum, _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)));
+  const __m512i s0 = _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3));
+  const __m512i s1 = _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7));
+  const __m512i s2 = _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11));
+  const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(s0, s1), s2);
   volatile int32_t sink = _mm512_reduce_add_epi32(sum);
   (void)sink;
   return double(iters) * 12 * 64 * 2 / sec / 1e9;
@@ -509,8 +513,8 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
         packed[((t * groups + c / 4) * 16 + lane) * 4 + c % 4] = uint8_t(qs[j * d + c] + 128);
     }
   };
-  return Run<Int8>("int8_topk", pool, nq, d, 1, md[0], m.typed_data(), scale, qmul, bias, out_s,
-                   out_i, pack);
+  return ScanTopK<Int8>("int8_topk", pool, nq, d, 1, md[0], m.typed_data(), scale, qmul, bias,
+                        out_s, out_i, pack);
 }
 
 // Round-to-nearest-even float32 -> bfloat16 bits (queries are finite).
@@ -557,8 +561,8 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         put(((t * groups + c / 2) * 16 + lane) * 4 + (c % 2) * 2, ToBf16(qs[j * d + c]));
     }
   };
-  return Run<Bf16>("bf16_topk", pool, nq, d, 2, md[0], m.typed_data(), scale, qmul, bias, out_s,
-                   out_i, pack);
+  return ScanTopK<Bf16>("bf16_topk", pool, nq, d, 2, md[0], m.typed_data(), scale, qmul, bias,
+                        out_s, out_i, pack);
 }
 
 static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> m,
@@ -576,8 +580,8 @@ static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     packed.assign(nq * p.dp, 0);
     for (int64_t j = 0; j < nq; ++j) std::memcpy(&packed[j * p.dp], qs + j * d, 4 * d);
   };
-  return Run<F16>("f16_topk", pool, nq, d, 2, md[0], m.typed_data(), scale, qmul, bias, out_s,
-                  out_i, pack);
+  return ScanTopK<F16>("f16_topk", pool, nq, d, 2, md[0], m.typed_data(), scale, qmul, bias,
+                        out_s, out_i, pack);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VggInt8TopK, Int8TopK,
