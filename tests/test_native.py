@@ -203,3 +203,31 @@ def test_float16_rows_widened_exactly(q, d, metric):
   exact = qn @ xs.T if metric == "cosine" else -((qn[:, None] - xs[None]) ** 2).sum(-1)
   got = np.take_along_axis(exact, np.asarray(a[1]), 1)
   np.testing.assert_allclose(np.asarray(a[0]), got, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native.available("float16"), reason=native.status())
+def test_kernel_rejects_what_it_cannot_scan():
+  import jax
+  import jax.numpy as jnp
+
+  def call(target, q, m, k=3):
+    out = (
+      jax.ShapeDtypeStruct((len(q), k), jnp.float32),
+      jax.ShapeDtypeStruct((len(q), k), jnp.int32),
+    )
+    n = len(m)
+    ones = np.ones(n, np.float32)
+    return jax.ffi.ffi_call(target, out)(q, m, ones, np.ones(len(q), np.float32), 0 * ones)
+
+  with pytest.raises(Exception, match="at most 8 queries"):
+    jax.block_until_ready(
+      call(native.F16_TOPK, np.ones((9, 64), np.float32), np.ones((50, 64), np.float16))
+    )
+  with pytest.raises(Exception, match="multiple of 4 bytes"):
+    jax.block_until_ready(
+      call(native.INT8_TOPK, np.ones((2, 6), np.int8), np.ones((50, 6), np.int8))
+    )
+  with pytest.raises(Exception, match=r"expected queries \[Q, D\]"):
+    jax.block_until_ready(
+      call(native.INT8_TOPK, np.ones((2, 8), np.int8), np.ones((50, 12), np.int8))
+    )

@@ -160,7 +160,7 @@ struct Problem {
   const float* qmul;
   const uint8_t* qpacked;  // few: [Q][kSplit][dp] bytes; many: [T][row_bytes/4][16][4]
                            // (dp: the row padded to 64 bytes, times kQBytes / 64)
-  int64_t n, row_bytes, dp, q, tiles, k;
+  int64_t n, d, row_bytes, dp, q, tiles, k;
 };
 
 struct Worker {
@@ -372,17 +372,20 @@ bool VnniSupported() { return Avx512Bw() && __builtin_cpu_supports("avx512vnni")
 bool Bf16Supported() { return Avx512Bw() && __builtin_cpu_supports("avx512bf16"); }
 
 // Checks shapes, runs the scan over XLA's thread pool and writes the merged top-k. `pack` fills
-// p.qpacked / p.qmul (it owns their storage in `packed` / `qm`).
+// `packed` with the queries in the layout of the loop that will run (p.q, p.d and p.dp are set).
 template <class E, class Pack>
-ffi::Error ScanTopK(const char* name, ffi::ThreadPool& pool, int64_t nq, int64_t d,
-                    int64_t esize, int64_t n, const void* m, ffi::Buffer<ffi::F32>& scale,
-                    ffi::Buffer<ffi::F32>& qmul, ffi::Buffer<ffi::F32>& bias,
-                    ffi::ResultBuffer<ffi::F32>& out_s, ffi::ResultBuffer<ffi::S32>& out_i,
-                    Pack pack) {
+ffi::Error ScanTopK(const char* name, ffi::ThreadPool& pool, ffi::Span<const int64_t> qd,
+                    ffi::Span<const int64_t> md, int64_t esize, const void* m,
+                    ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& qmul,
+                    ffi::Buffer<ffi::F32>& bias, ffi::ResultBuffer<ffi::F32>& out_s,
+                    ffi::ResultBuffer<ffi::S32>& out_i, Pack pack) {
   auto od = out_s->dimensions();
-  if (od.size() != 2 || od[0] != nq)
-    return ffi::Error::InvalidArgument(std::string(name) + ": expected out [Q, k]");
-  const int64_t k = od[1];
+  if (qd.size() != 2 || md.size() != 2 || qd[1] != md[1] || od.size() != 2 || od[0] != qd[0])
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": expected queries [Q, D], rows [N, D], out [Q, k]");
+  const int64_t nq = qd[0], d = qd[1], n = md[0], k = od[1];
+  if (!E::kTiles && nq > kSmallQ)
+    return ffi::Error::InvalidArgument(std::string(name) + ": at most 8 queries per call");
   if (scale.element_count() != size_t(n) || bias.element_count() != size_t(n) ||
       qmul.element_count() != size_t(nq))
     return ffi::Error::InvalidArgument(std::string(name) + ": scale/bias need [N], qmul [Q]");
@@ -397,6 +400,7 @@ ffi::Error ScanTopK(const char* name, ffi::ThreadPool& pool, int64_t nq, int64_t
   p.bias = bias.typed_data();
   p.n = n;
   p.row_bytes = d * esize;
+  p.d = d;
   p.q = nq;
   p.k = k;
   p.tiles = (nq + 15) / 16;
@@ -491,14 +495,11 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
                            ffi::ResultBuffer<ffi::S32> out_i) {
-  auto qd = q8.dimensions(), md = m.dimensions();
-  if (qd.size() != 2 || md.size() != 2 || qd[1] != md[1])
-    return ffi::Error::InvalidArgument("int8_topk: expected q [Q, D], m [N, D]");
   if (!VnniSupported()) return ffi::Error::Internal("int8_topk: this CPU lacks AVX512-VNNI");
-  const int64_t nq = qd[0], d = qd[1];
   const int8_t* qs = q8.typed_data();
   // Queries as unsigned bytes (q + 128); the many-query loop wants them interleaved by 16.
-  auto pack = [&](const Problem& p, std::vector<uint8_t>& packed) {
+  auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
+    const int64_t nq = p.q, d = p.d;
     if (nq <= kSmallQ) {
       packed.assign(nq * p.dp, 128);
       for (int64_t j = 0; j < nq; ++j)
@@ -513,8 +514,8 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
         packed[((t * groups + c / 4) * 16 + lane) * 4 + c % 4] = uint8_t(qs[j * d + c] + 128);
     }
   };
-  return ScanTopK<Int8>("int8_topk", pool, nq, d, 1, md[0], m.typed_data(), scale, qmul, bias,
-                        out_s, out_i, pack);
+  return ScanTopK<Int8>("int8_topk", pool, q8.dimensions(), m.dimensions(), 1, m.typed_data(),
+                        scale, qmul, bias, out_s, out_i, pack);
 }
 
 // Round-to-nearest-even float32 -> bfloat16 bits (queries are finite).
@@ -535,13 +536,10 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
                            ffi::ResultBuffer<ffi::S32> out_i) {
-  auto qd = q.dimensions(), md = m.dimensions();
-  if (qd.size() != 2 || md.size() != 2 || qd[1] != md[1])
-    return ffi::Error::InvalidArgument("bf16_topk: expected q [Q, D], m [N, D]");
   if (!Bf16Supported()) return ffi::Error::Internal("bf16_topk: this CPU lacks AVX512-BF16");
-  const int64_t nq = qd[0], d = qd[1];
   const float* qs = q.typed_data();
-  auto pack = [&](const Problem& p, std::vector<uint8_t>& packed) {
+  auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
+    const int64_t nq = p.q, d = p.d;
     auto put = [&](int64_t byte, uint16_t v) { std::memcpy(&packed[byte], &v, 2); };
     if (nq <= kSmallQ) {  // [Q][hi, lo][dp bytes]: the query as the sum of two bf16 vectors
       packed.assign(nq * 2 * p.dp, 0);
@@ -561,27 +559,22 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         put(((t * groups + c / 2) * 16 + lane) * 4 + (c % 2) * 2, ToBf16(qs[j * d + c]));
     }
   };
-  return ScanTopK<Bf16>("bf16_topk", pool, nq, d, 2, md[0], m.typed_data(), scale, qmul, bias,
-                        out_s, out_i, pack);
+  return ScanTopK<Bf16>("bf16_topk", pool, q.dimensions(), m.dimensions(), 2, m.typed_data(),
+                        scale, qmul, bias, out_s, out_i, pack);
 }
 
 static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> m,
                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
                           ffi::ResultBuffer<ffi::S32> out_i) {
-  auto qd = q.dimensions(), md = m.dimensions();
-  if (qd.size() != 2 || md.size() != 2 || qd[1] != md[1])
-    return ffi::Error::InvalidArgument("f16_topk: expected q [Q, D], m [N, D]");
-  if (qd[0] > kSmallQ) return ffi::Error::InvalidArgument("f16_topk: at most 8 queries per call");
   if (!Avx512Bw()) return ffi::Error::Internal("f16_topk: this CPU lacks AVX-512");
-  const int64_t nq = qd[0], d = qd[1];
   const float* qs = q.typed_data();
-  auto pack = [&](const Problem& p, std::vector<uint8_t>& packed) {  // [Q][dp] float32, 0-padded
-    packed.assign(nq * p.dp, 0);
-    for (int64_t j = 0; j < nq; ++j) std::memcpy(&packed[j * p.dp], qs + j * d, 4 * d);
+  auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {  // [Q][dp] float32, 0-padded
+    packed.assign(p.q * p.dp, 0);
+    for (int64_t j = 0; j < p.q; ++j) std::memcpy(&packed[j * p.dp], qs + j * p.d, 4 * p.d);
   };
-  return ScanTopK<F16>("f16_topk", pool, nq, d, 2, md[0], m.typed_data(), scale, qmul, bias,
-                        out_s, out_i, pack);
+  return ScanTopK<F16>("f16_topk", pool, q.dimensions(), m.dimensions(), 2, m.typed_data(), scale,
+                       qmul, bias, out_s, out_i, pack);
 }
 
 // The three handlers take (queries, rows, scale [N], qmul [Q], bias [N]) -> (scores, ids) [Q, k].
