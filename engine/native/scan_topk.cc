@@ -491,6 +491,11 @@ extern "C" VNNI_TARGET double vgg_vnni_peak_gops(int64_t iters) {
   return double(iters) * 12 * 64 * 2 / sec / 1e9;
 }
 
+// Byte offset of byte `b` of query j's row in the many-query layout [Q/16][row_bytes/4][16][4].
+static int64_t TileOffset(int64_t j, int64_t b, int64_t groups) {
+  return (((j / 16) * groups + b / 4) * 16 + j % 16) * 4 + b % 4;
+}
+
 static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::Buffer<ffi::S8> m,
                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
@@ -508,11 +513,9 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
     }
     const int64_t groups = d / 4;
     packed.assign(p.tiles * groups * 64, 128);
-    for (int64_t j = 0; j < nq; ++j) {
-      const int64_t t = j / 16, lane = j % 16;
+    for (int64_t j = 0; j < nq; ++j)
       for (int64_t c = 0; c < d; ++c)
-        packed[((t * groups + c / 4) * 16 + lane) * 4 + c % 4] = uint8_t(qs[j * d + c] + 128);
-    }
+        packed[TileOffset(j, c, groups)] = uint8_t(qs[j * d + c] + 128);
   };
   return ScanTopK<Int8>("int8_topk", pool, q8.dimensions(), m.dimensions(), 1, m.typed_data(),
                         scale, qmul, bias, out_s, out_i, pack);
@@ -551,13 +554,10 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         }
       return;
     }
-    const int64_t groups = d / 2;  // pairs of bf16
+    const int64_t groups = d / 2;  // 4-byte groups: pairs of bf16
     packed.assign(p.tiles * groups * 64, 0);
-    for (int64_t j = 0; j < nq; ++j) {
-      const int64_t t = j / 16, lane = j % 16;
-      for (int64_t c = 0; c < d; ++c)
-        put(((t * groups + c / 2) * 16 + lane) * 4 + (c % 2) * 2, ToBf16(qs[j * d + c]));
-    }
+    for (int64_t j = 0; j < nq; ++j)
+      for (int64_t c = 0; c < d; ++c) put(TileOffset(j, 2 * c, groups), ToBf16(qs[j * d + c]));
   };
   return ScanTopK<Bf16>("bf16_topk", pool, q.dimensions(), m.dimensions(), 2, m.typed_data(),
                         scale, qmul, bias, out_s, out_i, pack);
