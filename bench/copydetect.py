@@ -37,12 +37,12 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from engine.fileio import atomic_write_json
+from engine.common.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import metrics  # noqa: E402
-from engine import sample  # noqa: E402
+from bench import metrics
+from engine.app import sample
 
 SHARED = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -113,7 +113,7 @@ def default_photos() -> str | None:
 
 
 def list_images(folder: str) -> list[str]:
-  from engine import walk
+  from engine.app import walk
 
   return sorted(walk.split_images(os.path.abspath(folder))[0])
 
@@ -148,7 +148,7 @@ class Prepared:
     self.thumbs: list[np.ndarray] = []
 
   def add(self, img: Image.Image) -> None:
-    from engine import images
+    from engine.features import images
 
     for name, pre in self.policies.items():
       self.pixels[name].append(images.prepare(img, pre))
@@ -206,8 +206,8 @@ def _multi_fn():
   import jax
   from flax import nnx
 
-  from engine import descriptors
-  from engine.preprocess import normalize
+  from engine.features import descriptors
+  from engine.features.preprocess import normalize
 
   @functools.partial(jax.jit, static_argnames=("graphdef", "convention", "descs"))
   def run(graphdef, state, pixels, *, convention, descs):
@@ -231,7 +231,7 @@ def extract_many(extractor, names: Sequence[str], pixels: Sequence[np.ndarray]) 
   """
   import jax
 
-  from engine.descriptors import Descriptor
+  from engine.features.descriptors import Descriptor
 
   descs = tuple(Descriptor(n) for n in names)
   groups = collections.defaultdict(list)
@@ -309,9 +309,9 @@ def _weights_label(spec: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from engine.extractor import Extractor
-  from engine.model import ModelConfig
-  from engine.preprocess import Preprocessing
+  from engine.features.extractor import Extractor
+  from engine.features.model import ModelConfig
+  from engine.features.preprocess import Preprocessing
 
   small = _SMALL.value
   config = "tiny" if small else _CONFIG.value

@@ -17,8 +17,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageOps
 
-from engine import walk
-from engine.fileio import atomic_write
+from engine.app import walk
+from engine.common.fileio import atomic_write
 
 _PHOTOS = flags.DEFINE_string("photos", None, "Folder of source photos (searched recursively).")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for the crops (JPEG).")

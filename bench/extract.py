@@ -43,7 +43,7 @@ def bench_project(batch, precision, runs, config):
   import jax
   import numpy as np
 
-  from engine.extractor import Extractor
+  from engine.features.extractor import Extractor
 
   ex = Extractor("random", "fc2", batch_size=batch, precision=precision, config=config)
   px = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
@@ -160,7 +160,7 @@ def main(argv):
     },
   }
   if _OUTPUT.value:
-    from engine.fileio import atomic_write_json
+    from engine.common.fileio import atomic_write_json
 
     atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
   print(

@@ -27,7 +27,7 @@ import time
 from absl import app, flags
 
 from bench.peers import torch_vgg16_to_fc2
-from engine.fileio import atomic_write_json
+from engine.common.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,8 +54,8 @@ ROWS = {
 def build_ours_openvino(batch, precision, cache_dir):
   import numpy as np
 
-  from engine import backends
-  from engine.extractor import Extractor
+  from engine.features import backends
+  from engine.features.extractor import Extractor
 
   ex = Extractor("random", "fc2", batch_size=batch)
   px = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
@@ -100,7 +100,7 @@ def build_xla(batch):
   import jax
   import numpy as np
 
-  from engine.extractor import Extractor
+  from engine.features.extractor import Extractor
 
   ex = Extractor("random", "fc2", batch_size=batch)
   px = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)

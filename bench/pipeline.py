@@ -31,14 +31,14 @@ import time
 import numpy as np
 from absl import app, flags
 
-from engine.fileio import atomic_write_json
+from engine.common.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_folder(folder: str, n: int, width: int, height: int, seed: int = 0) -> list[str]:
   """Writes n generated JPEG scenes of width x height into folder (kept if already there)."""
-  from engine import sample
+  from engine.app import sample
 
   os.makedirs(folder, exist_ok=True)
   rng = np.random.default_rng(seed)
@@ -62,7 +62,8 @@ def _median(fn, runs: int) -> tuple[float, list[float]]:
 
 def measure(paths: list[str], extractor, dtype: str, runs: int, model_runs: int, workdir: str):
   """Times every stage on `paths`; returns rows {stage, seconds, runs, images_per_s}."""
-  from engine import images, indexer
+  from engine.app import indexing
+  from engine.features import images
 
   pre = extractor.preprocessing
   n = len(paths)
@@ -89,7 +90,7 @@ def measure(paths: list[str], extractor, dtype: str, runs: int, model_runs: int,
 
   def index():
     path = os.path.join(workdir, f"index-{next(counter)}")
-    rep = indexer.index_folder(
+    rep = indexing.index_folder(
       os.path.dirname(paths[0]), path, extractor, dtype=dtype, progress=False
     )
     if rep.indexed != n:
@@ -120,7 +121,7 @@ def measure(paths: list[str], extractor, dtype: str, runs: int, model_runs: int,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from engine.extractor import Extractor
+  from engine.features.extractor import Extractor
 
   small = _SMALL.value
   n = 24 if small else _IMAGES.value

@@ -25,11 +25,11 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from engine.fileio import atomic_write_json
+from engine.common.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import metrics  # noqa: E402
+from bench import metrics
 
 
 def _find_images(folder: str) -> dict[str, str]:
@@ -57,7 +57,7 @@ def query_vectors(index, truth: dict, mode: str, images: str | None, crop: bool,
     return index.get_vectors([by_name[n] for n in names])
   from PIL import Image
 
-  from engine.extractor import Extractor
+  from engine.features.extractor import Extractor
 
   extractor = Extractor.from_index_metadata(index.metadata, weights=weights)
   files = _find_images(images)

@@ -29,8 +29,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from engine import native
-from engine.fileio import atomic_write_json
+from engine.common.fileio import atomic_write_json
+from engine.kernels import native
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -7,7 +7,7 @@ float32 search, in RAM (host arrays streamed through the kernel) and from a memo
 (first call minus the median) reported separately. Floors: bytes / 30 GB/s (memory) and FLOPs /
 measured peak (matrix units). Prints a table last and writes JSON with --output.
 
-  python -m bench.search --n 1000000 --output /tmp/search.json
+  python -m bench.search --n 1000000 --output /tmp/topk_lib.json
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-from engine import native, search
-from engine.descriptors import Whitening
-from engine.fileio import atomic_write_json
+from engine.common.fileio import atomic_write_json
+from engine.features.descriptors import Whitening
+from engine.kernels import native
+from engine.kernels import topk as topk_lib
 from engine.store import Index, quantize_int8
 
 _N = flags.DEFINE_integer("n", 1_000_000, "Rows in the index.")
@@ -228,7 +229,7 @@ def main(argv):
   for dtype in _DTYPES.value:
     m, scales = storage(x, dtype)
     own_peak = int8_peak if dtype == "int8" else None
-    m = search.host_aligned(m)  # so the in-RAM kernel calls alias it instead of copying
+    m = topk_lib.host_aligned(m)  # so the in-RAM kernel calls alias it instead of copying
     nbytes = m.nbytes + (0 if scales is None else scales.nbytes)
     for qn in (1, nq):
       qi = iter(range(10**9))
@@ -242,10 +243,10 @@ def main(argv):
 
         def call(qn=qn, qi=qi, m=m, scales=scales, method=method):
           i = next(qi) % (reps + 1) if qn == 1 else 0
-          return search.chunked_topk(q[i : i + qn], m, k, scales=scales, method=method)
+          return topk_lib.chunked_topk(q[i : i + qn], m, k, scales=scales, method=method)
 
         sec, first = timed(call, reps)
-        found = np.asarray(search.chunked_topk(q[:qn], m, k, scales=scales, method=method)[1])
+        found = np.asarray(topk_lib.chunked_topk(q[:qn], m, k, scales=scales, method=method)[1])
         record(impl, dtype, "ram", qn, sec, first, nbytes, found, peak)
     if _SKIP_MMAP.value:
       continue

@@ -4,10 +4,10 @@ The public API: `Extractor` (images -> descriptors), `Index` (the on-disk vector
 `topk` (the pure jit-compiled similarity kernel) and the descriptor names.
 """
 
-from engine.descriptors import DESCRIPTORS, Descriptor, Whitening
-from engine.extractor import Extractor
-from engine.model import VGG, ModelConfig
-from engine.search import merge_topk, topk
+from engine.features.descriptors import DESCRIPTORS, Descriptor, Whitening
+from engine.features.extractor import Extractor
+from engine.features.model import VGG, ModelConfig
+from engine.kernels.topk import merge_topk, topk
 from engine.store import Index
 
 __all__ = [

@@ -12,12 +12,14 @@ import sys
 import numpy as np
 from absl import flags, logging
 
-from engine import backends, checkpoint, fileio, images, walk
-from engine.descriptors import DESCRIPTORS, Descriptor
-from engine.errors import UserError
-from engine.extractor import PRECISIONS, Extractor
-from engine.fileio import atomic_write, atomic_write_text
-from engine.preprocess import RESIZE_POLICIES
+from engine.app import walk
+from engine.common import fileio
+from engine.common.errors import UserError
+from engine.common.fileio import atomic_write, atomic_write_text
+from engine.features import backends, checkpoint, images
+from engine.features.descriptors import DESCRIPTORS, Descriptor
+from engine.features.extractor import PRECISIONS, Extractor
+from engine.features.preprocess import RESIZE_POLICIES
 
 DESCRIPTOR_NAMES = list(DESCRIPTORS)
 
@@ -112,7 +114,7 @@ def extractor_for_index(index_path: str, descriptor: str | None = None) -> Extra
   recorded (a clear error names what differs); flags left at their defaults follow the index.
   """
   from engine import store
-  from engine.extractor import check_compatible
+  from engine.features.extractor import check_compatible
 
   exists = store.exists(index_path)
   if not exists and descriptor is None:

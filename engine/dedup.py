@@ -13,7 +13,8 @@ import sys
 
 from absl import app, flags
 
-from engine import cli, report, retrieve, store
+from engine import cli, store
+from engine.app import report, retrieval
 
 _INDEX = flags.DEFINE_string("index", None, "Index folder built by engine.index.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.9, "Cosine similarity that makes a duplicate.")
@@ -34,7 +35,7 @@ def main(argv):
     if not store.exists(_INDEX.value):
       raise cli.UserError(f"no index at {_INDEX.value}")
     with store.Index.open(_INDEX.value, readonly=True) as idx:
-      groups = retrieve.find_duplicates(idx, _THRESHOLD.value, k=_K.value)
+      groups = retrieval.find_duplicates(idx, _THRESHOLD.value, k=_K.value)
     if _FORMAT.value == "json":
       out = [[{"key": k, "score": s} for k, s in g] for g in groups]
       json.dump({"threshold": _THRESHOLD.value, "groups": out}, sys.stdout, indent=2)

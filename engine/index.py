@@ -16,7 +16,8 @@ import sys
 
 from absl import app, flags
 
-from engine import cli, indexer, store
+from engine import cli, store
+from engine.app import indexing
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images (recursive) or one image file.")
 _INDEX = flags.DEFINE_string("index", None, "Index folder (created on first use).")
@@ -42,7 +43,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
     extractor = cli.extractor_for_index(_INDEX.value, _DESCRIPTOR.value)
-    result = indexer.index_folder(
+    result = indexing.index_folder(
       _IMAGES.value,
       _INDEX.value,
       extractor,

@@ -13,6 +13,6 @@ spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 # Versions the project is tested with (scripts/constraints.txt).
 python -m pip install -q -c scripts/constraints.txt -e "$spec"
-# The native int8 search kernel (engine/native): compiled once here; the search falls back to XLA
+# The native int8 search kernel (engine/kernels/native): compiled once here; the search falls back to XLA
 # (and says why) where it cannot be built or the CPU lacks AVX512-VNNI.
-python -m engine.native || true
+python -m engine.kernels.native || true

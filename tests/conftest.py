@@ -15,8 +15,8 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> str:
   """A saved checkpoint of the tiny config with seeded random weights."""
-  from engine import checkpoint
-  from engine.model import ModelConfig
+  from engine.features import checkpoint
+  from engine.features.model import ModelConfig
 
   model, _ = checkpoint.random(ModelConfig.tiny(), seed=3)
   out = tmp_path_factory.mktemp("weights") / "tiny"

@@ -15,7 +15,10 @@ import traceback
 
 import numpy as np
 
-from engine import fileio, indexer, sample, store
+from engine import store
+from engine.app import indexing, sample
+from engine.common import fileio
+from engine.store import index as store_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = tempfile.mkdtemp(prefix="vgg-retrieval-fault-cache-")
@@ -78,7 +81,7 @@ def fork_index(images, index, *, fault=None, event=None, delay_s=0.0, progress_f
   code = 0
   try:
     if fault:
-      store._FAULT = list(fault)
+      store_index._FAULT = list(fault)
     if event:
       _kill_at_event(event)
 
@@ -87,7 +90,7 @@ def fork_index(images, index, *, fault=None, event=None, delay_s=0.0, progress_f
         with open(progress_file, "a") as f:
           f.write(f"{n}\n")
 
-    indexer.index_folder(
+    indexing.index_folder(
       images, index, StubExtractor(delay_s), commit_every=8, progress=False, on_commit=on_commit
     )
   except BaseException:  # noqa: BLE001 - report to the parent through the exit code
@@ -108,7 +111,7 @@ def _kill_at_event(n: int) -> None:
   def hook(point):
     tick()
 
-  store._fault = hook
+  store_index._fault = hook
   real_fsync, real_replace = os.fsync, os.replace
 
   def fsync(fd):
@@ -143,8 +146,8 @@ def count_events(images, index) -> int:
     def hook(point):
       n[0] += 1
 
-    store._FAULT = ["segment_write", 1 << 60]  # enable the hook path without ever firing
-    store._fault = hook
+    store_index._FAULT = ["segment_write", 1 << 60]  # enable the hook path without ever firing
+    store_index._fault = hook
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
@@ -157,7 +160,7 @@ def count_events(images, index) -> int:
 
     fileio.os = _OsProxy(fsync=fsync, replace=replace)
     try:
-      indexer.index_folder(images, index, StubExtractor(), commit_every=8, progress=False)
+      indexing.index_folder(images, index, StubExtractor(), commit_every=8, progress=False)
       os.write(w, str(n[0]).encode())
     finally:
       os._exit(0)

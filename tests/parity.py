@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from engine import model as model_lib
+from engine.features import model as model_lib
 
 
 def random_images(config: model_lib.ModelConfig, batch: int = 2, seed: int = 0) -> np.ndarray:

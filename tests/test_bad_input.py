@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import indexer, report, sample, store
+from engine import store
+from engine.app import indexing, report, sample
 
 NON_UTF8 = os.fsdecode(b"caf\xe9 \xff.jpg")  # Latin-1 bytes: not UTF-8
 NON_UTF8_BAD = os.fsdecode(b"bad\xfe.jpg")
@@ -100,7 +101,7 @@ def make_torture(folder) -> tuple[set[str], dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def tiny():
-  from engine.extractor import Extractor
+  from engine.features.extractor import Extractor
 
   return Extractor("random:5", **faultlib.TINY_KW)
 
@@ -129,7 +130,7 @@ def test_every_odd_file_is_indexed_or_skipped_with_its_reason(tmp_path, tiny, mo
   bad[unreadable] = "permission denied"
   _deny(monkeypatch, unreadable)
   idx = str(tmp_path / "idx")
-  rep = indexer.index_folder(str(folder), idx, tiny, commit_every=4, progress=False)
+  rep = indexing.index_folder(str(folder), idx, tiny, commit_every=4, progress=False)
   monkeypatch.undo()
   failed = dict(rep.failed)
   assert set(failed) == set(bad), set(failed) ^ set(bad)
@@ -148,7 +149,7 @@ def test_every_odd_file_is_indexed_or_skipped_with_its_reason(tmp_path, tiny, mo
   # The failures file lists each with its reason; odd names as their original bytes.
   lines = (tmp_path / "idx" / "last_run_failures.tsv").read_bytes().splitlines()
   assert sorted(ln.split(b"\t")[0] for ln in lines) == sorted(os.fsencode(p) for p in bad)
-  again = indexer.index_folder(str(folder), idx, tiny, progress=False)
+  again = indexing.index_folder(str(folder), idx, tiny, progress=False)
   assert again.indexed == 1 and again.unchanged == len(good)  # the file readable again
 
 
@@ -167,7 +168,7 @@ def test_exif_rotation_is_applied(tmp_path, tiny):
 def test_folder_without_images_indexes_nothing(tmp_path, tiny):
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "readme.txt").write_text("hi")
-  rep = indexer.index_folder(str(tmp_path / "empty"), str(tmp_path / "idx"), tiny, progress=False)
+  rep = indexing.index_folder(str(tmp_path / "empty"), str(tmp_path / "idx"), tiny, progress=False)
   assert rep.indexed == rep.unchanged == 0 and not rep.failed
 
 

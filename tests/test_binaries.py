@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import shared_data_or_skip, write_image
 
-from engine import sample
+from engine.app import sample
 
 CACHE = tempfile.mkdtemp(prefix="vgg-retrieval-test-cache-")  # exported graphs land here
 atexit.register(shutil.rmtree, CACHE, ignore_errors=True)

@@ -13,14 +13,17 @@ import os
 
 os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported anywhere
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import parity  # noqa: E402
-import pytest  # noqa: E402
+import h5py
+import numpy as np
+import parity
+import pytest
 
-from engine import checkpoint, preprocess  # noqa: E402
-from engine import model as model_lib  # noqa: E402
-from weights import convert  # noqa: E402
+from engine.features import (
+  checkpoint,
+  preprocess,
+)
+from engine.features import model as model_lib
+from weights import convert
 
 keras = pytest.importorskip("keras")
 if keras.backend.backend() != "jax":

@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import parity  # noqa: E402
-from torch import nn  # noqa: E402
+import parity
+from torch import nn
 
-from engine import checkpoint, preprocess  # noqa: E402
-from engine import model as model_lib  # noqa: E402
-from weights import convert  # noqa: E402
+from engine.features import (
+  checkpoint,
+  preprocess,
+)
+from engine.features import model as model_lib
+from weights import convert
 
 CONFIGS = [
   pytest.param("tiny", id="tiny"),

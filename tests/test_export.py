@@ -14,9 +14,12 @@ pytest.importorskip("jax2onnx", reason="ONNX export needs jax2onnx (the `cpu` ex
 pytest.importorskip("onnx", reason="ONNX export needs onnx (the `cpu` extra)")
 ort = pytest.importorskip("onnxruntime", reason="the export test runs the graph in ONNX Runtime")
 
-from engine import checkpoint, export  # noqa: E402
-from engine.descriptors import DESCRIPTORS, Descriptor  # noqa: E402
-from engine.extractor import Extractor  # noqa: E402
+from engine.features import (
+  checkpoint,
+  onnx_export,
+)
+from engine.features.descriptors import DESCRIPTORS, Descriptor
+from engine.features.extractor import Extractor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +34,7 @@ def _rel(a, b):
 
 def _ort_run(proto, pixels):
   sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-  return sess.run([export.OUTPUT_NAME], {export.INPUT_NAME: pixels})[0]
+  return sess.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: pixels})[0]
 
 
 @pytest.mark.parametrize("name", DESCRIPTORS)
@@ -39,7 +42,7 @@ def test_onnxruntime_matches_xla_for_every_descriptor(name, tiny_weights):
   ex = Extractor(tiny_weights, name, batch_size=3)
   # Non-square for the pooled descriptors, so R-MAC's regions are not all squares of the map.
   h, w = (64, 64) if ex.descriptor.needs_fixed_size else (96, 128)
-  proto = export.export_onnx(ex, batch_size=None, height=h, width=w)
+  proto = onnx_export.export_onnx(ex, batch_size=None, height=h, width=w)
   assert proto.graph.input[0].type.tensor_type.elem_type == 2  # uint8
   for n, seed in ((3, 0), (5, 1)):  # the batch is symbolic: two sizes, one graph
     px = _pixels(n, h, w, seed)
@@ -62,7 +65,7 @@ def test_caffe_convention_and_gem_variants_export(tmp_path, tiny_weights):
     ex = Extractor(str(folder), desc, batch_size=2)
     assert ex.preprocessing.convention == "caffe"
     px = _pixels(2, 64, 64, seed=7)
-    got = _ort_run(export.export_onnx(ex, batch_size=None, height=64, width=64), px)
+    got = _ort_run(onnx_export.export_onnx(ex, batch_size=None, height=64, width=64), px)
     assert _rel(got, np.asarray(ex._run(px))) <= 1e-5, desc
 
 
@@ -70,16 +73,16 @@ def test_bf16_extractor_exports_the_float32_network(tiny_weights):
   ex = Extractor(tiny_weights, "mac", precision="bf16", batch_size=2)
   ref = Extractor(tiny_weights, "mac", batch_size=2)
   px = _pixels(2, 64, 64)
-  got = _ort_run(export.export_onnx(ex, batch_size=2, height=64, width=64), px)
+  got = _ort_run(onnx_export.export_onnx(ex, batch_size=2, height=64, width=64), px)
   assert _rel(got, np.asarray(ref._run(px))) <= 1e-5
 
 
 def test_fixed_size_descriptors_refuse_other_sizes(tiny_weights):
   ex = Extractor(tiny_weights, "fc2")
   with pytest.raises(ValueError, match="needs 64x64"):
-    export.export_onnx(ex, height=96, width=64)
+    onnx_export.export_onnx(ex, height=96, width=64)
   with pytest.raises(ValueError, match="batch_size"):
-    export.export_onnx(ex, batch_size=0)
+    onnx_export.export_onnx(ex, batch_size=0)
 
 
 def test_export_binary_writes_a_runnable_model_with_provenance(tmp_path, tiny_weights):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import checkpoint, descriptors
-from engine.extractor import Extractor, IncompatibleExtractorError, check_compatible
-from engine.model import ModelConfig
+from engine.features import checkpoint, descriptors
+from engine.features.extractor import Extractor, IncompatibleExtractorError, check_compatible
+from engine.features.model import ModelConfig
 
 RNG = np.random.default_rng(0)
 
@@ -58,7 +58,7 @@ def test_pool5_is_flattened_in_hwc_order():
   ex = Extractor("random:1", descriptors.Descriptor("pool5", normalize=False), config="tiny")
   px = _pixels(2)
   model, _ = checkpoint.random(ModelConfig.tiny(), seed=1)
-  from engine.preprocess import normalize
+  from engine.features.preprocess import normalize
 
   pool5 = np.asarray(model(normalize(px, "torch"), taps=("pool5",))["pool5"])
   np.testing.assert_allclose(ex(px), pool5.reshape(2, -1), rtol=1e-5, atol=1e-6)

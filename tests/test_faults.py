@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 from faultlib import StubExtractor, check_index, fork_index, make_photos, wait
 
-from engine import cli, fileio, indexer, store
+from engine import cli, store
+from engine.app import indexing
+from engine.common import fileio
 from engine.store import Index, IndexCorruptError, IndexLockedError, StoreError
 
 # The children never call into JAX (see faultlib.StubExtractor), so its fork warning is moot.
@@ -48,7 +50,7 @@ def photos(tmp_path_factory):
 def reference(photos, tmp_path_factory):
   folder, paths, _ = photos
   ref = str(tmp_path_factory.mktemp("ref") / "idx")
-  indexer.index_folder(folder, ref, StubExtractor(), commit_every=8, progress=False)
+  indexing.index_folder(folder, ref, StubExtractor(), commit_every=8, progress=False)
   return faultlib.vectors_of(ref)
 
 
@@ -71,7 +73,7 @@ def _kill_and_resume(tmp, photos, reference, **kill):
   # committed, at most one commit (8 images) more: the one whose manifest landed before the kill.
   assert live == paths[: len(live)]
   assert committed <= len(live) <= committed + 8 and (len(live) % 8 == 0 or len(live) == 80)
-  report = indexer.index_folder(folder, idx, StubExtractor(), commit_every=8, progress=False)
+  report = indexing.index_folder(folder, idx, StubExtractor(), commit_every=8, progress=False)
   assert (report.indexed, report.unchanged) == (N_PHOTOS - len(live), len(live))
   final = check_index(idx, expected)
   assert sorted(final) == paths
@@ -129,12 +131,12 @@ def test_sigkill_at_random_times_then_resume(tmp_path, photos, reference):
 
 
 def test_binary_killed_mid_segment_and_mid_commit_resumes_to_same_contents(tmp_path):
-  from engine.extractor import Extractor
+  from engine.features.extractor import Extractor
 
   folder = tmp_path / "photos"
   paths = make_photos(folder, 64)
   ref = str(tmp_path / "ref")
-  indexer.index_folder(
+  indexing.index_folder(
     str(folder), ref, Extractor("random:5", **faultlib.TINY_KW), commit_every=8, progress=False
   )
   expected = faultlib.vectors_of(ref)
@@ -356,14 +358,14 @@ def _index_with_failure(tmp_path, photos, monkeypatch, fail):
   with monkeypatch.context() as mp:
     fail(mp, idx)
     code, err = _user_error(
-      lambda: indexer.index_folder(
+      lambda: indexing.index_folder(
         folder, idx, StubExtractor(), commit_every=8, progress=False, on_commit=commits.append
       )
     )
   assert code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
   live = check_index(idx, expected)
   assert live == paths[: commits[-1]]  # the last committed state, nothing more, nothing less
-  report = indexer.index_folder(folder, idx, StubExtractor(), commit_every=8, progress=False)
+  report = indexing.index_folder(folder, idx, StubExtractor(), commit_every=8, progress=False)
   assert report.indexed == len(paths) - len(live)
   _tally("write_failures")
   _tally("rows_verified", len(live))
@@ -410,7 +412,7 @@ def test_read_only_index_folder_refuses_writes_and_keeps_the_index(tmp_path, pho
   few.mkdir()
   for p in paths[:8]:
     shutil.copy(p, few)
-  indexer.index_folder(str(few), str(idx), StubExtractor(), progress=False)
+  indexing.index_folder(str(few), str(idx), StubExtractor(), progress=False)
   before = faultlib.vectors_of(idx)
   if os.geteuid() == 0:  # root ignores permissions: refuse creating files in the folder instead
     real = fileio.tempfile.mkstemp
@@ -425,7 +427,7 @@ def test_read_only_index_folder_refuses_writes_and_keeps_the_index(tmp_path, pho
     os.chmod(idx, 0o555)
   try:
     code, err = _user_error(
-      lambda: indexer.index_folder(folder, str(idx), StubExtractor(), progress=False)
+      lambda: indexing.index_folder(folder, str(idx), StubExtractor(), progress=False)
     )
   finally:
     os.chmod(idx, 0o755)
@@ -450,7 +452,7 @@ def test_second_writer_is_refused_and_the_lock_is_freed_by_a_kill(tmp_path, phot
     with pytest.raises(IndexLockedError, match="LOCK.*another process is writing"):
       Index.open(idx)
     code, err = _user_error(
-      lambda: indexer.index_folder(folder, idx, StubExtractor(), progress=False)
+      lambda: indexing.index_folder(folder, idx, StubExtractor(), progress=False)
     )
     assert code == 1 and "another process is writing" in err and err.count("\n") == 1
   finally:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine import checkpoint
-from engine import model as model_lib
+from engine.features import checkpoint
+from engine.features import model as model_lib
 from weights import convert, fetch, sources
 
 

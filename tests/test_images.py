@@ -11,8 +11,9 @@ import pytest
 from conftest import shared_data_or_skip, write_image
 from PIL import Image
 
-from engine import images, walk
-from engine.preprocess import Preprocessing
+from engine.app import walk
+from engine.features import images
+from engine.features.preprocess import Preprocessing
 
 SQUASH = Preprocessing("torch", "squash", 64)
 ASPECT = Preprocessing("torch", "keep_aspect", 128)

@@ -1,4 +1,4 @@
-"""The fused int8 scan + top-k kernel (engine/native) against integer brute force and XLA's path."""
+"""The fused int8 scan + top-k kernel (engine/kernels/native) against integer brute force and XLA's path."""
 
 import os
 import subprocess
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from test_search import clustered
 
-from engine import native, search
+from engine.kernels import native
+from engine.kernels import topk as topk_lib
 from engine.store import Index, quantize_int8
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=native.status())
@@ -86,8 +87,8 @@ def test_topk_native_matches_xla_int8(metric, q):
   m8, scale = quantize_int8(x)
   queries = x[rng.integers(0, len(x), q)] + 0.01 * rng.standard_normal((q, 96)).astype(np.float32)
   valid = rng.random(len(x)) > 0.3
-  a = search.topk(queries, m8, 12, metric=metric, scales=scale, valid=valid, method="int8")
-  b = search.topk(queries, m8, 12, metric=metric, scales=scale, valid=valid, method="int8-xla")
+  a = topk_lib.topk(queries, m8, 12, metric=metric, scales=scale, valid=valid, method="int8")
+  b = topk_lib.topk(queries, m8, 12, metric=metric, scales=scale, valid=valid, method="int8-xla")
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
   if metric == "cosine":  # the same float32 operations in the same order: bit-identical
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
@@ -127,9 +128,9 @@ def test_vmap_over_query_batches():
   rng = np.random.default_rng(3)
   m8, scale = quantize_int8(clustered(rng, 3000, 64, 30))
   qs = rng.standard_normal((3, 5, 64)).astype(np.float32)
-  s, i = jax.vmap(lambda q: search.topk(q, m8, 6, scales=scale))(qs)
+  s, i = jax.vmap(lambda q: topk_lib.topk(q, m8, 6, scales=scale))(qs)
   for b in range(3):
-    sb, ib = search.topk(qs[b], m8, 6, scales=scale)
+    sb, ib = topk_lib.topk(qs[b], m8, 6, scales=scale)
     np.testing.assert_array_equal(np.asarray(i[b]), np.asarray(ib))
     np.testing.assert_array_equal(np.asarray(s[b]), np.asarray(sb))
 
@@ -180,8 +181,8 @@ def test_topk_native_bf16_matches_xla(metric):
   mb = x.astype(ml_dtypes.bfloat16)
   queries = x[rng.integers(0, len(x), 4)] + 0.01 * rng.standard_normal((4, 128)).astype(np.float32)
   valid = rng.random(len(x)) > 0.3
-  a = search.topk(queries, mb, 10, metric=metric, valid=valid, method="bf16")
-  b = search.topk(queries, mb, 10, metric=metric, valid=valid, method="reduce")
+  a = topk_lib.topk(queries, mb, 10, metric=metric, valid=valid, method="bf16")
+  b = topk_lib.topk(queries, mb, 10, metric=metric, valid=valid, method="reduce")
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
   np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-5, atol=1e-5)
 
@@ -194,8 +195,8 @@ def test_float16_rows_widened_exactly(q, d, metric):
   m16 = x.astype(np.float16)
   queries = rng.standard_normal((q, d)).astype(np.float32)
   valid = rng.random(len(x)) > 0.2
-  a = search.topk(queries, m16, 10, metric=metric, valid=valid, method="f32")
-  b = search.topk(queries, m16, 10, metric=metric, valid=valid, method="f32-xla")
+  a = topk_lib.topk(queries, m16, 10, metric=metric, valid=valid, method="f32")
+  b = topk_lib.topk(queries, m16, 10, metric=metric, valid=valid, method="f32-xla")
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
   np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-5, atol=1e-5)
   qn = queries / np.linalg.norm(queries, axis=1, keepdims=True) if metric == "cosine" else queries

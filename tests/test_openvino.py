@@ -13,9 +13,9 @@ pytest.importorskip(
 )
 pytest.importorskip("onnx", reason="the OpenVINO backend exports with onnx (the `cpu` extra)")
 
-from engine import backends  # noqa: E402
-from engine.descriptors import DESCRIPTORS, Descriptor  # noqa: E402
-from engine.extractor import Extractor  # noqa: E402
+from engine.features import backends
+from engine.features.descriptors import DESCRIPTORS, Descriptor
+from engine.features.extractor import Extractor
 
 if not backends.available():
   pytest.skip("OpenVINO's CPU plugin needs an x86 CPU", allow_module_level=True)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import images
-from engine.preprocess import BUCKET_ASPECTS, Preprocessing, bucket_shape, bucket_shapes
+from engine.features import images
+from engine.features.preprocess import BUCKET_ASPECTS, Preprocessing, bucket_shape, bucket_shapes
 
 
 def _png(tmp_path, width: int, height: int, seed: int = 0) -> tuple[str, Image.Image]:

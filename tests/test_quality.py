@@ -13,7 +13,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench import metrics  # noqa: E402
+from bench import metrics
 
 # ------------------------------------------------------------------------------ AP by hand
 
@@ -228,7 +228,7 @@ def test_quality_extracts_cropped_queries_with_the_index_extractor(tmp_path):
   from PIL import Image
 
   from bench import quality
-  from engine.extractor import Extractor
+  from engine.features.extractor import Extractor
   from engine.store import Index
 
   ex = Extractor("random:1", "gem", config="tiny", image_size=64, batch_size=2)
@@ -259,8 +259,8 @@ def test_quality_extracts_cropped_queries_with_the_index_extractor(tmp_path):
 
 def test_copydetect_one_pass_equals_the_extractor():
   from bench import copydetect
-  from engine import images
-  from engine.extractor import Extractor
+  from engine.features import images
+  from engine.features.extractor import Extractor
 
   rng = np.random.default_rng(0)
   pixels = [rng.integers(0, 256, (48, 64, 3), np.uint8) for _ in range(3)]
@@ -278,7 +278,7 @@ def test_copydetect_dataset_and_baseline():
   from PIL import Image
 
   from bench import copydetect
-  from engine.preprocess import Preprocessing
+  from engine.features.preprocess import Preprocessing
 
   photos = copydetect.generated_photos(2, seed=1)
   pre = {"pooled": Preprocessing("torch", "keep_aspect", 64)}

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from engine import fileio, search
 from engine import store as store_mod
+from engine.common import fileio
+from engine.kernels import topk as topk_lib
 from engine.store import (
   FileStat,
   Index,
@@ -435,7 +436,7 @@ def test_second_search_does_not_recompile(tmp_path):
   with Index.create(tmp_path / "i", dim=D, dtype="int8") as idx:
     idx.add(x, keys)
     idx.search(x[:3], k=10, chunk_rows=2048)
-    before = search.scan_chunk._cache_size()
+    before = topk_lib.scan_chunk._cache_size()
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
       lambda name, *a, **kw: compiles.append(name) if "backend_compile" in name else None
@@ -444,5 +445,5 @@ def test_second_search_does_not_recompile(tmp_path):
       idx.search(x[3:6] + 0.1, k=10, chunk_rows=2048)
     finally:
       jax.monitoring.clear_event_listeners()
-    assert search.scan_chunk._cache_size() == before
+    assert topk_lib.scan_chunk._cache_size() == before
     assert not compiles, compiles

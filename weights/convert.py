@@ -28,9 +28,9 @@ import numpy as np
 from absl import app
 from flax import nnx
 
-from engine import checkpoint
-from engine import model as model_lib
-from engine.fileio import sha256_file
+from engine.common.fileio import sha256_file
+from engine.features import checkpoint
+from engine.features import model as model_lib
 from weights import sources
 
 Shape = tuple[int, ...]

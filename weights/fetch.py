@@ -19,8 +19,8 @@ import urllib.request
 
 from absl import app
 
-from engine import checkpoint
-from engine.fileio import atomic_write
+from engine.common.fileio import atomic_write
+from engine.features import checkpoint
 from weights import convert as convert_lib
 from weights import sources
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.model import ModelConfig
+from engine.features.model import ModelConfig
 
 DESCRIPTORS = ("fc2", "fc1", "pool5", "mac", "spoc", "gem", "rmac")
 POOLED = ("mac", "spoc", "gem", "rmac")
@@ -196,7 +196,7 @@ class Whitening:
     return self.projection.shape[1]
 
   def save(self, path: str | os.PathLike) -> None:
-    from engine.fileio import atomic_write
+    from engine.common.fileio import atomic_write
 
     def write(f):
       np.savez(f, mean=self.mean, projection=self.projection)

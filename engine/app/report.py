@@ -10,8 +10,8 @@ import os
 
 from PIL import Image, ImageOps
 
-from engine import images
-from engine.fileio import atomic_write
+from engine.common.fileio import atomic_write
+from engine.features import images
 
 THUMB_SIDE = 160
 

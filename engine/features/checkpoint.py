@@ -25,9 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from engine import model as model_lib
-from engine.fileio import UMASK, atomic_write_json, fsync_dir
-from engine.preprocess import CONVENTIONS
+from engine.common.fileio import UMASK, atomic_write_json, fsync_dir
+from engine.features import model as model_lib
+from engine.features.preprocess import CONVENTIONS
 
 FORMAT_VERSION = 1
 WEIGHTS_JSON = "weights.json"

@@ -9,7 +9,7 @@ jaxlib version and the compiler. Where a kernel cannot be used (another architec
 the extension, no compiler, `VGG_RETRIEVAL_NATIVE=0`) `available(dtype)` is False, the reason is
 logged once, and `engine.search` runs XLA's products instead: same results, slower.
 
-`python -m engine.native` builds the kernels and prints which are usable.
+`python -m engine.kernels.native` builds the kernels and prints which are usable.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from absl import logging
 
-from engine import fileio
+from engine.common import fileio
 
 INT8_TOPK = "vgg_int8_topk"
 BF16_TOPK = "vgg_bf16_topk"

@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 
 from engine import store
-from engine.errors import UserError
-from engine.extractor import Extractor
-from engine.walk import split_images
+from engine.app.walk import split_images
+from engine.common.errors import UserError
+from engine.features.extractor import Extractor
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Iterator
 
-from engine import images
+from engine.features import images
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ Storage dtypes: float32, float16, bfloat16 and int8 (symmetric, one float32 scal
     at 7-9 GB/s and bfloat16 at ~18 GB/s (about 10 G elements/s); the same thing written as a dot
     with one query, or as a 3-D broadcast, ran at 0.1-0.9 GB/s. Used for bfloat16 at Q = 1.
   * float32: the library matrix-vector / matrix product (28-40 GB/s at Q = 1, ~250 GFLOP/s).
-  * int8 on an x86 CPU with AVX512-VNNI: the native fused scan + top-k of `engine.native`
+  * int8 on an x86 CPU with AVX512-VNNI: the native fused scan + top-k of `engine.kernels.native`
     (an XLA FFI call; about 25 GB/s at Q = 1 and 850-900 GOP/s at Q = 64-128 on two cores), which
     never writes the [Q, N] scores. Elsewhere, and as method "int8-xla": XLA's int8 x int8 product
     with int32 accumulation (~150-250 GOP/s; with a float32 result ~100), one query padded to two
@@ -52,7 +52,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from engine import native
+from engine.kernels import native
 
 METRICS = ("cosine", "l2")
 # Row blocks for the exact two-stage selection: block maxima, top-k blocks, then top-k of their rows.
@@ -102,7 +102,7 @@ def _choose_method(q: int, dtype, d: int | None) -> str:
   # convert-multiply-reduce at 9-19 GB/s for int8 and bfloat16 (the dot with Q=1 at 0.9-2 GB/s), the
   # float32 matrix-vector product at 28-40 GB/s, the int8 x int8 product with int32 accumulation at
   # ~150-250 GFLOP/s (with a float32 result: 0.1x that); XLA has no fast path for float16. The
-  # native kernels (engine.native) beat all of these where `_uses_native` says they run.
+  # native kernels (engine.kernels.native) beat all of these where `_uses_native` says they run.
   if dtype == jnp.float32 or dtype == jnp.float16:
     return "f32"  # float16: the native kernel up to 8 queries
   if dtype == jnp.int8:
@@ -250,7 +250,7 @@ def topk(
     valid: [N] bool, False for rows that must not be returned (tombstones, filters, padding).
     method: "reduce", "f32", "bf16", "bf16x2", "int8", or "f32-xla" / "bf16-xla" / "int8-xla" (see
       `inner_products`; "int8", and "bf16" / "f32" on bfloat16 / float16 rows with Q <= 8, run
-      the native fused kernels on CPUs where `engine.native.available(dtype)`, the "-xla" forms
+      the native fused kernels on CPUs where `engine.kernels.native.available(dtype)`, the "-xla" forms
       never); None picks the fastest measured for Q and the dtype.
 
   Returns:
@@ -316,7 +316,7 @@ _NATIVE_TARGETS = {
 
 def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
   """Whether `method` over rows of `dtype` (D = `d`, if known) with `q` queries runs a native scan
-  kernel (engine.native) on a CPU."""
+  kernel (engine.kernels.native) on a CPU."""
   kernel = _NATIVE.get(method)
   if kernel is None or np.dtype(dtype) != np.dtype(jnp.dtype(kernel)):
     return False
@@ -328,7 +328,7 @@ def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
 
 
 def _topk_native(queries, matrix, scales, valid, *, k, metric):
-  """The fused scan + top-k of `engine/native/scan_topk.cc`: no [Q, N] scores in memory.
+  """The fused scan + top-k of `engine/kernels/native/scan_topk.cc`: no [Q, N] scores in memory.
 
   The kernel ranks dot(query, row) * scale * qmul + bias. int8 queries are quantised exactly as in
   the XLA "int8" method, so cosine scores are bit-identical to it; bfloat16 takes the float32

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from engine.preprocess import Preprocessing
+from engine.features.preprocess import Preprocessing
 
 # Larger images are refused (decompression-bomb guard); 20000 x 20000 = 400M is over it.
 MAX_PIXELS = 150_000_000

@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from engine import store, walk
-from engine.extractor import Extractor, check_compatible
-from engine.fileio import atomic_write
+from engine import store
+from engine.app import walk
+from engine.common.fileio import atomic_write
+from engine.features.extractor import Extractor, check_compatible
 
 
 @dataclasses.dataclass

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engine import backends, checkpoint, descriptors, images
-from engine.descriptors import Descriptor, Whitening
-from engine.preprocess import Preprocessing, normalize
+from engine.features import backends, checkpoint, descriptors, images
+from engine.features.descriptors import Descriptor, Whitening
+from engine.features.preprocess import Preprocessing, normalize
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 DEFAULT_MAX_SIDE = 320

@@ -65,7 +65,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from engine import fileio, search
+from engine.common import fileio
+from engine.kernels import topk as topk_lib
 
 FORMAT = "vgg-retrieval-index"
 VERSION = 1
@@ -1077,7 +1078,7 @@ class Index:
   ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest live vectors of each query.
 
-    Streams every segment through `engine.search.topk` in chunks of `chunk_rows` rows with a running
+    Streams every segment through `engine.kernels.topk.topk` in chunks of `chunk_rows` rows with a running
     top-k merge, so memory beyond the page cache is bounded by the chunk size.
 
     Args:
@@ -1089,16 +1090,16 @@ class Index:
       rerank: if > k, fetch this many candidates and re-score them exactly from the float32 copy
         (needs keep_float32=True unless the storage dtype is float32).
       chunk_rows: rows per kernel call (fixed shape: compiled once per query bucket); default
-        `engine.search.chunk_rows_for(Q, dtype=...)`.
-      method: kernel method override, see `engine.search.topk`.
+        `engine.kernels.topk.chunk_rows_for(Q, dtype=...)`.
+      method: kernel method override, see `engine.kernels.topk.topk`.
 
     Returns:
       scores: [Q, m] float32 and keys: [Q, m] object array of str, best first, where
       m = min(k, number of searchable rows): columns are never padded. With compressed storage
       the scores are exact (float64) for the stored vectors; with `rerank`, for the float32 copy.
     """
-    if metric not in search.METRICS:
-      raise ValueError(f"metric must be one of {search.METRICS}, got {metric!r}")
+    if metric not in topk_lib.METRICS:
+      raise ValueError(f"metric must be one of {topk_lib.METRICS}, got {metric!r}")
     q = np.asarray(queries, dtype=np.float32)
     squeeze = q.ndim == 1
     if squeeze:
@@ -1184,12 +1185,12 @@ class Index:
     # Bucket Q (powers of two up to 8, then multiples of 8): few compiled shapes, little padding.
     qpad = 1 << max(0, (nq - 1).bit_length()) if nq <= 8 else -(-nq // 8) * 8
     qj = jax.device_put(np.concatenate([q, np.zeros((qpad - nq, q.shape[1]), np.float32)]))
-    best_s, best_i = search.empty_topk(qpad, kk)
+    best_s, best_i = topk_lib.empty_topk(qpad, kk)
     dtype = _IN_MEMORY[self.dtype]
-    chunk_rows = search.chunk_rows_for(qpad, chunk_rows, dtype, method)
+    chunk_rows = topk_lib.chunk_rows_for(qpad, chunk_rows, dtype, method)
     for seg in self._segments:
       valid = self._valid_mask(seg, allowed)
-      for start, n, padded in search.plan_chunks(seg.rows, chunk_rows):
+      for start, n, padded in topk_lib.plan_chunks(seg.rows, chunk_rows):
         stop = start + n
         v = valid[start:stop]
         if not v.any():
@@ -1207,7 +1208,7 @@ class Index:
         mat = jax.device_put(np.asarray(mat))
         sc = None if sc is None else jax.device_put(np.asarray(sc))
         v = None if v.all() else v  # the no-mask variant is faster (bfloat16: 10x at Q = 1)
-        best_s, best_i = search.scan_chunk(
+        best_s, best_i = topk_lib.scan_chunk(
           qj,
           mat,
           sc,

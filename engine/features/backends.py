@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from engine import fileio
+from engine.common import fileio
 
 BACKENDS = ("xla", "openvino", "auto")
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -107,13 +107,13 @@ def export_path(extractor, height: int, width: int, cache_dir: str | None = None
 
 def exported_onnx(extractor, height: int, width: int, cache_dir: str | None = None) -> str:
   """Path of the cached ONNX export (symbolic batch), exporting it first if missing."""
-  from engine import export
+  from engine.features import onnx_export
 
   path = export_path(extractor, height, width, cache_dir)
   with _export_lock:
     if not os.path.isfile(path):
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      export.export_onnx(extractor, path, batch_size=None, height=height, width=width)
+      onnx_export.export_onnx(extractor, path, batch_size=None, height=height, width=width)
       build_counts["export"] += 1
   return path
 
