@@ -200,24 +200,6 @@ def build_dataset(
 # ------------------------------------------------------------------------------ features
 
 
-@functools.cache
-def _multi_fn():
-  """The jitted `(graphdef, state, [B, H, W, 3] uint8) -> one [B, D] per descriptor` function."""
-  import jax
-  from flax import nnx
-
-  from engine.features import descriptors
-  from engine.features.preprocess import normalize
-
-  @functools.partial(jax.jit, static_argnames=("graphdef", "convention", "descs"))
-  def run(graphdef, state, pixels, *, convention, descs):
-    model = nnx.merge(graphdef, state)
-    taps = model(normalize(pixels, convention), taps=tuple(sorted({d.model_tap for d in descs})))
-    return tuple(descriptors.describe(taps, d) for d in descs)
-
-  return run
-
-
 def extract_many(extractor, names: Sequence[str], pixels: Sequence[np.ndarray]) -> dict:
   """Several descriptors from one forward pass per image.
 
@@ -232,7 +214,9 @@ def extract_many(extractor, names: Sequence[str], pixels: Sequence[np.ndarray]) 
   import jax
 
   from engine.features.descriptors import Descriptor
+  from engine.features.forward import forward
 
+  graphdef, state = extractor.graph()
   descs = tuple(Descriptor(n) for n in names)
   groups = collections.defaultdict(list)
   for i, px in enumerate(pixels):
@@ -246,12 +230,12 @@ def extract_many(extractor, names: Sequence[str], pixels: Sequence[np.ndarray]) 
       for j, i in enumerate(part):
         batch[j] = pixels[i]
       res = jax.device_get(
-        _multi_fn()(
-          extractor._graphdef,
-          extractor._state,
+        forward(
+          graphdef,
+          state,
           batch,
           convention=extractor.preprocessing.convention,
-          descs=descs,
+          descriptor=descs,
         )
       )
       for n, feats in zip(names, res, strict=True):

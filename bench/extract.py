@@ -46,14 +46,13 @@ def bench_project(batch, precision, runs, config):
   from engine.features.extractor import Extractor
 
   ex = Extractor("random", "fc2", batch_size=batch, precision=precision, config=config)
-  px = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
-  if config == "tiny":
-    px = px[:, :64, :64]
+  size = ex.config.image_size
+  px = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   t = time.perf_counter()
-  jax.block_until_ready(ex._run(px))
+  jax.block_until_ready(ex.run_batch(px))
   compile_s = time.perf_counter() - t
-  jax.block_until_ready(ex._run(px))
-  sec = _median_time(lambda: jax.block_until_ready(ex._run(px)), runs)
+  jax.block_until_ready(ex.run_batch(px))
+  sec = _median_time(lambda: jax.block_until_ready(ex.run_batch(px)), runs)
   return {"compile_s": compile_s, "batch_s": sec}
 
 

@@ -3,13 +3,15 @@ r"""The CPU fast path: this project's model through OpenVINO against the best CP
   python bench/extract_cpu.py [--batch_sizes=8,32] [--runs=7] [--output=results/extract_cpu.json]
 
 VGG-16 to fc2 at 224x224, images/s. Rows:
-- this project, OpenVINO fp32 / bf16: the Flax model exported by `engine.export` (uint8 pixels in,
-  normalised fc2 out), compiled by `engine.backends` (OpenVINO CPU plugin, INFERENCE_PRECISION_HINT);
+- this project, OpenVINO fp32 / bf16: the Flax model exported by `engine.features.onnx_export`
+  (uint8 pixels in, normalised fc2 out), compiled by `engine.features.backends` (OpenVINO CPU
+  plugin, INFERENCE_PRECISION_HINT);
 - native OpenVINO fp32 / bf16: a plain PyTorch VGG-16 (torchvision's layout) exported to ONNX by
   `torch.onnx.export` and compiled the same way; float32 NCHW in, fc2 out (no preprocessing, no
   normalisation);
 - PyTorch bf16 channels-last with bf16 weights (and fp32 channels-last);
-- this project, XLA fp32: the jitted Flax model (`Extractor._run`).
+- this project, XLA fp32: the jitted Flax model (`engine.features.forward`, through
+  `Extractor.run_batch`).
 
 All implementations are built and warmed up first, then timed round-robin (one batch each per
 round, --runs rounds), so load from other processes on the machine hits all of them alike; the
@@ -104,7 +106,7 @@ def build_xla(batch):
 
   ex = Extractor("random", "fc2", batch_size=batch)
   px = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
-  return lambda: jax.block_until_ready(ex._run(px))
+  return lambda: jax.block_until_ready(ex.run_batch(px))
 
 
 def build(key, batch, tmpdir):

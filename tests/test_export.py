@@ -47,7 +47,7 @@ def test_onnxruntime_matches_xla_for_every_descriptor(name, tiny_weights):
   for n, seed in ((3, 0), (5, 1)):  # the batch is symbolic: two sizes, one graph
     px = _pixels(n, h, w, seed)
     got = _ort_run(proto, px)
-    want = np.asarray(ex._run(px))
+    want = np.asarray(ex.run_batch(px))
     assert got.shape == (n, ex.dim) and got.dtype == np.float32
     assert _rel(got, want) <= 1e-5, (name, _rel(got, want))
 
@@ -66,7 +66,7 @@ def test_caffe_convention_and_gem_variants_export(tmp_path, tiny_weights):
     assert ex.preprocessing.convention == "caffe"
     px = _pixels(2, 64, 64, seed=7)
     got = _ort_run(onnx_export.export_onnx(ex, batch_size=None, height=64, width=64), px)
-    assert _rel(got, np.asarray(ex._run(px))) <= 1e-5, desc
+    assert _rel(got, np.asarray(ex.run_batch(px))) <= 1e-5, desc
 
 
 def test_bf16_extractor_exports_the_float32_network(tiny_weights):
@@ -74,7 +74,7 @@ def test_bf16_extractor_exports_the_float32_network(tiny_weights):
   ref = Extractor(tiny_weights, "mac", batch_size=2)
   px = _pixels(2, 64, 64)
   got = _ort_run(onnx_export.export_onnx(ex, batch_size=2, height=64, width=64), px)
-  assert _rel(got, np.asarray(ref._run(px))) <= 1e-5
+  assert _rel(got, np.asarray(ref.run_batch(px))) <= 1e-5
 
 
 def test_fixed_size_descriptors_refuse_other_sizes(tiny_weights):
@@ -114,4 +114,4 @@ def test_export_binary_writes_a_runnable_model_with_provenance(tmp_path, tiny_we
   assert meta["engine.weights_fingerprint"] == ex.weights_info.fingerprint
   assert json.loads(meta["engine.descriptor"])["name"] == "rmac"
   px = _pixels(2, 64, 96, seed=3)
-  assert _rel(_ort_run(proto, px), np.asarray(ex._run(px))) <= 1e-5
+  assert _rel(_ort_run(proto, px), np.asarray(ex.run_batch(px))) <= 1e-5

@@ -45,7 +45,7 @@ def test_fp32_matches_xla_for_every_descriptor(name, tiny_weights, cache):
   run = backends.OpenVINOExtraction(ex, precision="fp32", cache_dir=cache)
   px = _pixels(3, h, w, seed=1)
   got = run(px)
-  want = np.asarray(ex._run(px))
+  want = np.asarray(ex.run_batch(px))
   assert got.shape == want.shape and got.dtype == np.float32
   assert _rel(got, want) <= 1e-5, (name, _rel(got, want))
 
@@ -96,25 +96,24 @@ def test_backend_selection():
 def test_vgg16_fc2_fp32_matches_xla_and_bf16_is_close(cache):
   ex = Extractor("random", "fc2", batch_size=4)
   px = _pixels(4, 224, 224, seed=2)
-  want = np.asarray(ex._run(px))
+  want = np.asarray(ex.run_batch(px))
   fp32 = backends.make_runner(ex, px.shape, precision="fp32", cache_dir=cache)(px)
   assert _rel(fp32, want) <= 1e-5, _rel(fp32, want)
   bf16 = backends.make_runner(ex, px.shape, precision="bf16", cache_dir=cache)(px)
   assert _cosine(bf16, want).min() >= 0.9999, _cosine(bf16, want)
 
 
-def test_drop_in_for_the_xla_call_in_the_extractor(tiny_weights, cache):
-  # What Extractor(backend="openvino") does: the same streaming (padding of the last batch,
-  # keep_aspect buckets), with OpenVINO in place of the jitted call.
+def test_drop_in_for_the_xla_call_in_the_extractor(tiny_weights):
+  # The same streaming (padding of the last batch, keep_aspect buckets), with OpenVINO in place of
+  # the jitted call; the exports land beside the weights.
   xla = Extractor(tiny_weights, "rmac", batch_size=3, image_size=96)
-  ov = Extractor(tiny_weights, "rmac", batch_size=3, image_size=96)
-  ov._run = backends.OpenVINOExtraction(ov, cache_dir=cache)
+  ov = Extractor(tiny_weights, "rmac", batch_size=3, image_size=96, backend="openvino")
   images = [_pixels(1, h, w, seed=i)[0] for i, (h, w) in enumerate([(64, 96)] * 4 + [(96, 64)])]
   want = xla(images)
   got = ov(images)
   assert got.shape == (5, xla.dim)
   assert _rel(got, want) <= 1e-5
-  assert ov._run.compiled_shapes() == 2
+  assert ov.compiled_shapes() == 2
 
 
 def test_same_top1_as_xla_on_the_shared_photos(cache, monkeypatch):

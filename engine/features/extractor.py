@@ -1,9 +1,8 @@
 """Images -> descriptors: a jit-compiled, fixed-shape, batched extractor.
 
-The jitted function takes uint8 RGB pixels `[B, H, W, 3]` and does everything on the device:
-convention (BGR/mean or mean/std), the network up to the needed tap, pooling and L2 normalisation.
-Shapes are fixed per batch size and input bucket, so it compiles once per bucket; the last partial
-batch is padded and the padding rows dropped. Decoding runs in a thread pool ahead of the device,
+Batches of uint8 RGB pixels `[B, H, W, 3]` go through `engine.features.forward` (XLA) or the same
+computation exported to OpenVINO. Shapes are fixed per batch size and input bucket, so it compiles
+once per bucket; the last partial batch is padded and the padding rows dropped. Decoding runs in a thread pool ahead of the device,
 and the device runs one batch ahead of the host reading results back.
 """
 
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -20,20 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engine.features import backends, checkpoint, descriptors, images
+from engine.features import backends, checkpoint, images
+from engine.features import model as model_lib
 from engine.features.descriptors import Descriptor, Whitening
-from engine.features.preprocess import Preprocessing, normalize
+from engine.features.forward import forward
+from engine.features.preprocess import Preprocessing
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 DEFAULT_MAX_SIDE = 320
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "convention", "descriptor"))
-def _extract(graphdef, state, pixels, *, convention, descriptor):
-  """`[B, H, W, 3]` uint8 -> `[B, D]` float32 descriptors."""
-  model = nnx.merge(graphdef, state)
-  taps = model(normalize(pixels, convention), taps=(descriptor.model_tap,))
-  return descriptors.describe(taps, descriptor)
 
 
 @dataclasses.dataclass
@@ -170,12 +162,33 @@ class Extractor:
     """Number of compiled variants of the extraction function (for recompilation checks)."""
     if self._openvino is not None:
       return self._openvino.compiled_shapes()
-    return _extract._cache_size()
+    return forward._cache_size()
 
-  def _run(self, batch_bhw3: np.ndarray) -> jax.Array | np.ndarray:
+  def graph(self, dtype: jnp.dtype | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The network as `forward` takes it: `(graphdef, state)`.
+
+    Args:
+      dtype: compute dtype of the graphdef; default the extractor's precision. The parameters are
+        float32 either way, so `jnp.float32` gives the float32 network of a bf16 extractor (what
+        the ONNX export traces).
+    """
+    if dtype is None or jnp.dtype(dtype) == jnp.dtype(PRECISIONS[self.precision]):
+      return self._graphdef, self._state
+    graphdef, _ = nnx.split(model_lib.abstract_model(self.config, dtype))
+    return graphdef, self._state
+
+  def run_batch(self, batch_bhw3: np.ndarray) -> jax.Array | np.ndarray:
+    """One batch of already prepared pixels through the backend, without whitening.
+
+    Args:
+      batch_bhw3: `[B, H, W, 3]` uint8 RGB, already of the preprocessing policy's shape.
+
+    Returns:
+      `[B, D]` float32: a device array from XLA (dispatched, not awaited), numpy from OpenVINO.
+    """
     if self._openvino is not None:
       return self._openvino(batch_bhw3)
-    return _extract(
+    return forward(
       self._graphdef,
       self._state,
       batch_bhw3,
@@ -204,7 +217,7 @@ class Extractor:
       batch = np.zeros((self.batch_size, *shape), np.uint8)
       for i, (_, px) in enumerate(group):
         batch[i] = px
-      in_flight.append(([pos for pos, _ in group], self._run(batch)))
+      in_flight.append(([pos for pos, _ in group], self.run_batch(batch)))
 
     def drain(keep: int):
       while len(in_flight) > keep:

@@ -1,16 +1,13 @@
-r"""Exports the extraction function (uint8 pixels -> descriptors) to ONNX.
+"""Exports the extraction function (uint8 pixels -> descriptors) to ONNX.
 
-  python -m engine.export --weights=DIR|random --layer=fc2 --format=onnx --output=vgg16_fc2.onnx \
-      [--batch_size=0] [--image_size=224] [--height=H --width=W] [--config=vgg16|tiny]
-
-The exported graph is the same computation as the jitted `engine.extractor._extract`: input
+The exported graph is `engine.features.forward` with the weights closed over as constants: input
 `pixels` `[B, H, W, 3]` uint8 RGB, the weights' pixel convention, the network up to the
 descriptor's tap, pooling and L2 normalisation; output `descriptors` `[B, D]` float32. The network
 is always exported in float32; a runtime picks its own compute precision (OpenVINO's
-`INFERENCE_PRECISION_HINT`). `--batch_size=0` leaves the batch symbolic (`B`). Height and width are
-fixed: fc1/fc2/pool5 need the model's input size, and R-MAC's regions depend on the map's shape.
-The model's provenance (weights fingerprint, convention, descriptor) is written into the file's
-metadata.
+`INFERENCE_PRECISION_HINT`). The batch may be left symbolic (`B`). Height and width are fixed:
+fc1/fc2/pool5 need the model's input size, and R-MAC's regions depend on the map's shape. The
+model's provenance (weights fingerprint, convention, descriptor) is written into the file's
+metadata. The binary is `engine.export`.
 
 Export uses jax2onnx (`pip install jax2onnx`; see the `cpu` extra in pyproject.toml).
 """
@@ -29,38 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from engine.common.fileio import atomic_write
-from engine.features import descriptors
-from engine.features import model as model_lib
-from engine.features.descriptors import Descriptor
-from engine.features.preprocess import normalize
+from engine.features.forward import with_weights
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "descriptors"
 BATCH_DIM = "B"
 FORMATS = ("onnx",)
-
-
-def extraction_function(
-  graphdef: nnx.GraphDef, state: nnx.State, *, convention: str, descriptor: Descriptor
-) -> Callable[[jax.Array], jax.Array]:
-  """The body of `engine.extractor._extract` with the weights closed over (they become constants).
-
-  Returns:
-    `[B, H, W, 3]` uint8 -> `[B, D]` float32.
-  """
-
-  def extract(pixels):
-    model = nnx.merge(graphdef, state)
-    taps = model(normalize(pixels, convention), taps=(descriptor.model_tap,))
-    return descriptors.describe(taps, descriptor)
-
-  return extract
-
-
-def float32_graph(extractor) -> tuple[nnx.GraphDef, nnx.State]:
-  """The extractor's network in float32 (parameters are float32 in either precision)."""
-  graphdef, _ = nnx.split(model_lib.abstract_model(extractor.config, jnp.float32))
-  return graphdef, extractor._state
 
 
 def input_shape(extractor, batch_size: int | None = None, height=None, width=None) -> tuple:
@@ -116,7 +87,7 @@ def _import_jax2onnx_plugins() -> None:
   """Registers jax2onnx's plugins except Equinox's, once per process.
 
   jax2onnx imports every plugin on first use, and its Equinox plugins run JAX computations at
-  import time (about 8 s on 2 cores): this model needs none of them. Relies on jax2onnx 0.17
+  import time (seconds of start-up): this model needs none of them. Relies on jax2onnx 0.17
   internals; if they change, jax2onnx's own import of everything runs instead. Plugins for
   libraries that are not installed (Equinox, dm-pix) are skipped, as jax2onnx itself does.
   """
@@ -222,8 +193,8 @@ def export_onnx(
     the `onnx.ModelProto`.
   """
   shape = input_shape(extractor, batch_size, height, width)
-  graphdef, state = float32_graph(extractor)
-  fn = extraction_function(
+  graphdef, state = extractor.graph(jnp.float32)
+  fn = with_weights(
     graphdef,
     state,
     convention=extractor.preprocessing.convention,
