@@ -1,17 +1,18 @@
 """Extraction backends: XLA (the jitted Flax model) or OpenVINO (the same model, exported).
 
-On x86 CPUs OpenVINO's CPU plugin runs VGG-16 several times faster than XLA (in bf16 it uses the
-AMX matrix units for convolutions, which XLA's CPU convolution does not), so `auto` picks it there
-when it is installed. The Flax model stays the single source of truth: `engine.export` traces the
-very function XLA compiles (pixels -> descriptors) to ONNX, and OpenVINO compiles that.
+On x86 CPUs OpenVINO's CPU plugin runs VGG-16 faster than XLA (in bf16 it uses the AMX matrix
+units for convolutions, which XLA's CPU convolution does not; BUILD.md has the measurements), so
+`auto` picks it there when it is installed. The Flax model stays the single source of truth:
+`onnx_export` traces the body of `engine.features.forward`, the very function XLA compiles, to
+ONNX, and OpenVINO compiles that.
 
 The exported graph is cached, so it is built once per weights, descriptor and input size:
 `WEIGHTS_DIR/exported/` beside converted weights (when writable), else
 `$VGG_RETRIEVAL_CACHE/exported/` (default `~/.cache/vgg-retrieval/exported/`). The file name
 carries a sha256 of everything the graph depends on (weights fingerprint, model, pixel convention,
 descriptor, height and width); the batch is symbolic in the file and fixed when OpenVINO compiles
-it, with the precision (`INFERENCE_PRECISION_HINT`). Compiling takes about a second; a compiled blob
-imports no faster, so it is not cached.
+it, with the precision (`INFERENCE_PRECISION_HINT`). A compiled blob imports no faster than the
+ONNX file compiles, so it is not cached.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import os
 import platform
 import threading
 
+import jax
 import numpy as np
 
 from engine.common import fileio
+from engine.features import onnx_export
 
 BACKENDS = ("xla", "openvino", "auto")
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -58,8 +61,6 @@ def resolve(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "auto":
-    import jax
-
     # With an accelerator, XLA is the fast path.
     return "openvino" if available() and jax.default_backend() == "cpu" else "xla"
   if backend == "openvino" and not available():
@@ -107,8 +108,6 @@ def export_path(extractor, height: int, width: int, cache_dir: str | None = None
 
 def exported_onnx(extractor, height: int, width: int, cache_dir: str | None = None) -> str:
   """Path of the cached ONNX export (symbolic batch), exporting it first if missing."""
-  from engine.features import onnx_export
-
   path = export_path(extractor, height, width, cache_dir)
   with _export_lock:
     if not os.path.isfile(path):
@@ -176,8 +175,8 @@ def make_runner(
 class OpenVINOExtraction:
   """Per-shape OpenVINO runners for one extractor, built on first use of each shape (bucket).
 
-  `OpenVINOExtraction(extractor)(batch)` is a drop-in for the jitted XLA call in
-  `Extractor._run`: `[B, H, W, 3]` uint8 -> `[B, D]` float32 numpy.
+  `OpenVINOExtraction(extractor)(batch)` does what the jitted `forward` does in
+  `Extractor.run_batch`: `[B, H, W, 3]` uint8 -> `[B, D]` float32 numpy.
   """
 
   def __init__(self, extractor, *, precision: str | None = None, cache_dir: str | None = None):
