@@ -38,6 +38,7 @@ from absl import app, flags
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from engine.common.fileio import atomic_write_json
+from engine.features.model import PRESETS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -467,9 +468,7 @@ if __name__ == "__main__":
   _WEIGHTS = flags.DEFINE_list(
     "weights", ["random"], "Weights to compare: random[:SEED] and/or converted weights folders."
   )
-  _CONFIG = flags.DEFINE_enum(
-    "config", "vgg16", ["vgg16", "tiny"], "Model preset (random weights)."
-  )
+  _CONFIG = flags.DEFINE_enum("config", "vgg16", list(PRESETS), "Model preset (random weights).")
   _SMALL = flags.DEFINE_bool("small", False, "Quick check: tiny model, 4 photos, 12 distractors.")
   _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 224, "Longer side for the pooled descriptors (mac, spoc, gem, rmac)."

@@ -18,6 +18,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.features.model import PRESETS
+
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8"], "Batch sizes to measure.")
 _RUNS = flags.DEFINE_integer("runs", 5, "Timed runs per configuration (median reported).")
 _PEERS = flags.DEFINE_list("peers", ["torch", "onnxruntime"], "Peers to measure if installed.")
@@ -25,7 +27,7 @@ _PRECISIONS = flags.DEFINE_list("precisions", ["fp32", "bf16"], "Precisions of t
 _OUTPUT = flags.DEFINE_string("output", None, "Write results as JSON here.")
 _PEAK_FP32 = flags.DEFINE_float("peak_fp32_gflops", 355.0, "Measured fp32 matmul peak.")
 _PEAK_BF16 = flags.DEFINE_float("peak_bf16_gflops", 2700.0, "Measured bf16 (AMX) matmul peak.")
-_CONFIG = flags.DEFINE_enum("config", "vgg16", ["vgg16", "tiny"], "Model preset.")
+_CONFIG = flags.DEFINE_enum("config", "vgg16", list(PRESETS), "Model preset.")
 
 GFLOP_PER_IMAGE = 30.9  # VGG-16 to fc2 at 224: 15.5 GMAC
 

@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from engine.common.fileio import atomic_write_json
+from engine.features.model import PRESETS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -189,7 +190,7 @@ if __name__ == "__main__":
   _DTYPE = flags.DEFINE_string("dtype", "int8", "Index storage dtype.")
   _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per device call.")
   _PRECISION = flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "Compute precision.")
-  _CONFIG = flags.DEFINE_enum("config", "vgg16", ["vgg16", "tiny"], "Model preset.")
+  _CONFIG = flags.DEFINE_enum("config", "vgg16", list(PRESETS), "Model preset.")
   _BACKEND = flags.DEFINE_enum("backend", "xla", ["xla", "openvino", "auto"], "Extraction backend.")
   _SMALL = flags.DEFINE_bool("small", False, "Quick check: tiny model, 24 images.")
   _RUNS = flags.DEFINE_integer("runs", 3, "Timed runs of the light stages (median).")

@@ -19,6 +19,7 @@ from engine.common.fileio import atomic_write, atomic_write_text
 from engine.features import backends, checkpoint, images
 from engine.features.descriptors import DESCRIPTORS, Descriptor
 from engine.features.extractor import PRECISIONS, Extractor
+from engine.features.model import PRESETS
 from engine.features.preprocess import RESIZE_POLICIES
 
 DESCRIPTOR_NAMES = list(DESCRIPTORS)
@@ -38,7 +39,7 @@ def define_extractor_flags() -> None:
     f"first converted weights in the cache (${fileio.CACHE_ENV} or ~/.cache/vgg-retrieval), else "
     "random with a warning.",
   )
-  flags.DEFINE_enum("config", "vgg16", ["vgg16", "tiny"], "Model preset for random weights.")
+  flags.DEFINE_enum("config", "vgg16", list(PRESETS), "Model preset for random weights.")
   flags.DEFINE_integer("batch_size", 16, "Images per device call.", lower_bound=1)
   flags.DEFINE_enum("precision", "fp32", sorted(PRECISIONS), "Compute precision.")
   flags.DEFINE_enum(

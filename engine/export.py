@@ -10,12 +10,13 @@ from absl import app, flags
 from engine import cli
 from engine.features.descriptors import Descriptor
 from engine.features.extractor import Extractor
+from engine.features.model import PRESETS
 from engine.features.onnx_export import FORMATS, export_onnx
 
 _WEIGHTS = flags.DEFINE_string(
   "weights", "auto", "Converted weights folder, 'random[:SEED]' (NOT ImageNet) or 'auto'."
 )
-_CONFIG = flags.DEFINE_enum("config", "vgg16", ["vgg16", "tiny"], "Model preset for random.")
+_CONFIG = flags.DEFINE_enum("config", "vgg16", list(PRESETS), "Model preset for random.")
 _LAYER = flags.DEFINE_enum(
   "layer", "fc2", cli.DESCRIPTOR_NAMES, "Descriptor: a network layer or a pooling of conv5_3."
 )

@@ -7,7 +7,7 @@ import pytest
 
 from engine.features import checkpoint, descriptors
 from engine.features.extractor import Extractor, IncompatibleExtractorError, check_compatible
-from engine.features.model import ModelConfig
+from engine.features.model import PRESETS, ModelConfig
 
 RNG = np.random.default_rng(0)
 
@@ -42,6 +42,14 @@ def test_rmac_regions_cover_the_map_inside_bounds():
     assert covered.all(), (h, w)
   # square 7x7, level 1: one region of side floor(2*7/2) = 7; level 2: 2x2 of side 4.
   assert (0, 0, 4, 4) in descriptors.rmac_regions(7, 7, 2)
+
+
+def test_presets_are_named_by_their_key():
+  assert {"vgg16", "tiny"} <= set(PRESETS)
+  for name in PRESETS:
+    assert ModelConfig.by_name(name).name == name  # the name checkpoints record
+  with pytest.raises(ValueError, match="unknown model config"):
+    ModelConfig.by_name("vgg19")
 
 
 @pytest.mark.parametrize("name", descriptors.DESCRIPTORS)

@@ -56,7 +56,7 @@ class Extractor:
       comes from the weights.
     batch_size: images per device call (fixed: the last batch is padded).
     precision: `fp32` or `bf16` (bf16 compute with float32 accumulation).
-    config: model preset used with random weights (`vgg16`, `tiny`).
+    config: model preset used with random weights (a name in `model.PRESETS`).
     whitening: optional PCA whitening applied after the descriptor.
     workers: decoding threads.
     backend: `xla` (jit, any device), `openvino` (the same model exported to ONNX and compiled by

@@ -59,10 +59,10 @@ class ModelConfig:
 
   @classmethod
   def by_name(cls, name: str) -> ModelConfig:
-    presets = {"vgg16": cls.vgg16, "tiny": cls.tiny}
-    if name not in presets:
-      raise ValueError(f"unknown model config {name!r}; known: {sorted(presets)}")
-    return presets[name]()
+    """The preset called `name` (a key of `PRESETS`)."""
+    if name not in PRESETS:
+      raise ValueError(f"unknown model config {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]()
 
   @property
   def conv_names(self) -> tuple[str, ...]:
@@ -98,6 +98,9 @@ class ModelConfig:
       return self.blocks[block][-1]
     return self.blocks[block][int(tap.split("_")[1]) - 1]
 
+
+# The model presets by name: every flag and choice list of presets derives from this mapping.
+PRESETS = {"vgg16": ModelConfig.vgg16, "tiny": ModelConfig.tiny}
 
 FC_TAPS = ("fc1", "fc2", "logits")
 
