@@ -2,8 +2,9 @@
 
 Batches of uint8 RGB pixels `[B, H, W, 3]` go through `engine.features.forward` (XLA) or the same
 computation exported to OpenVINO. Shapes are fixed per batch size and input bucket, so it compiles
-once per bucket; the last partial batch is padded and the padding rows dropped. Decoding runs in a thread pool ahead of the device,
-and the device runs one batch ahead of the host reading results back.
+once per bucket; the last partial batch is padded and the padding rows dropped. Decoding runs in a
+thread pool ahead of the device, and the device runs one batch ahead of the host reading results
+back.
 """
 
 from __future__ import annotations
