@@ -60,17 +60,37 @@ def keys_digest(keys: Iterable[str]) -> str:
   return h.hexdigest()
 
 
+def _connect_readonly(path: str) -> sqlite3.Connection:
+  """A read-only connection (the URI built by pathlib, so `#`, `?` or `%` in a path stay literal).
+
+  A WAL database needs its -shm file even to read; on read-only media, or in a folder owned by
+  someone else, that file cannot be made, so the catalog is then opened as immutable. The writer
+  leaves the catalog in rollback-journal mode when it closes (`close`), so an immutable reader
+  misses nothing that was committed.
+  """
+  uri = pathlib.Path(path).absolute().as_uri()
+  db = sqlite3.connect(uri + "?mode=ro", uri=True, check_same_thread=False)
+  try:
+    db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    return db
+  except sqlite3.OperationalError:
+    db.close()
+    if os.access(os.path.dirname(path), os.W_OK):
+      raise
+  return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, check_same_thread=False)
+
+
 class Catalog:
   """A connection to an index folder's catalog."""
 
   def __init__(self, folder: str, readonly: bool, *, must_exist: bool):
     self.path = os.path.join(folder, CATALOG)
+    self.readonly = readonly
     with self.errors():
       if (readonly or must_exist) and not os.path.exists(self.path):
         raise IndexCorruptError(f"catalog {self.path} is missing")
       if readonly:
-        uri = pathlib.Path(self.path).as_uri() + "?mode=ro"
-        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._db = _connect_readonly(self.path)
       else:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -177,5 +197,10 @@ class Catalog:
       )
 
   def close(self) -> None:
+    """Closes the connection; a writer first folds the WAL back into the database file, so the
+    catalog is one self-contained file that readers on read-only media can open."""
+    with contextlib.suppress(sqlite3.Error):
+      if not self.readonly:
+        self._db.execute("PRAGMA journal_mode=DELETE")  # fails harmlessly while readers are open
     with contextlib.suppress(sqlite3.Error):
       self._db.close()

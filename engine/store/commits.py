@@ -82,12 +82,12 @@ class Commits:
       [k.encode("utf-8", "surrogateescape") for k in keys]
     except UnicodeEncodeError as e:
       raise ValueError(f"key {e.object!r} is not valid text") from None
+    if self.normalizes:
+      x = seg_lib.normalize_rows(x)
+    seg_lib.check_representable(x, self.dtype)
     with self._commit():
-      if not keys:
-        return
-      if self.normalizes:
-        x = seg_lib.normalize_rows(x)
-      self._add(x, keys, files or [None] * len(keys))
+      if keys:
+        self._add(x, keys, files or [None] * len(keys))
 
   def _add(self, x: np.ndarray, keys: list[str], stats: Sequence[FileStat | None]) -> None:
     name = self._new_segment_name()

@@ -45,7 +45,7 @@ from engine.common import fileio
 from engine.store import catalog as catalog_lib
 from engine.store import manifest as manifest_lib
 from engine.store import segments as seg_lib
-from engine.store.catalog import FileStat
+from engine.store.catalog import CATALOG, FileStat
 from engine.store.commits import Commits
 from engine.store.errors import (
   IndexCorruptError,
@@ -54,6 +54,7 @@ from engine.store.errors import (
   IndexMismatchError,
   IndexNotFoundError,
 )
+from engine.store.manifest import MANIFEST
 from engine.store.segments import DTYPES, Segment
 
 LOCK = "LOCK"
@@ -106,6 +107,30 @@ def _load_segments(
     )
     base += rows
   return out
+
+
+def _check_free(folder: str) -> None:
+  """Refuses to create an index in a folder holding anything but this engine's own files."""
+  names = os.listdir(folder)
+  own = {LOCK, *catalog_lib.FILES}
+  foreign = sorted(f for f in names if f not in own and not manifest_lib.TEMP_RE.match(f))
+  if foreign:
+    raise IndexExistsError(
+      f"{folder} is not empty and holds no index ({len(foreign)} other entries, e.g. "
+      f"{foreign[0]!r}): an index needs a new or empty folder of its own"
+    )
+  if CATALOG in names:
+    cat = catalog_lib.Catalog(folder, True, must_exist=True)
+    try:
+      with cat.errors():
+        orphaned = cat.newest_generation() > 0
+    finally:
+      cat.close()
+    if orphaned:
+      raise IndexCorruptError(
+        f"{folder} holds the catalog of an index whose {MANIFEST} is missing: restore the "
+        "manifest, or remove the folder to start over"
+      )
 
 
 def _remove_leftovers(folder: str, m: dict) -> None:
@@ -167,6 +192,7 @@ class Index(Commits):
     os.makedirs(path, exist_ok=True)
     if exists(path):
       raise IndexExistsError(f"an index already exists at {manifest_lib.path_of(path)}")
+    _check_free(path)
     meta = json.loads(json.dumps(dict(metadata or {})))  # refuse non-JSON-able metadata early
     self = cls(path, readonly=False, _token=_PRIVATE)
     try:

@@ -69,15 +69,25 @@ def read(folder: str) -> dict:
       )
     if m["dtype"] not in segments.DTYPES or int(m["dim"]) <= 0:
       raise IndexCorruptError(f"manifest {mpath}: bad dtype/dim {m['dtype']!r}/{m['dim']!r}")
+    numbers = set()
     for seg in m["segments"]:
+      files = seg["files"]
       if (
         not segments.NAME_RE.match(seg["name"])
         or int(seg["rows"]) < 0
-        or "vectors" not in seg["files"]
+        or "vectors" not in files
+        or any(f["file"] != seg["name"] + segments.SUFFIXES[r] for r, f in files.items())
       ):
         raise IndexCorruptError(f"manifest {mpath}: bad segment entry {seg!r}")
+      numbers.add(segments.segment_number(seg["name"]))
+    if len(numbers) != len(m["segments"]):
+      raise IndexCorruptError(f"manifest {mpath} lists a segment twice")
     int(m["generation"])
-    int(m["next_segment"])
+    if int(m["next_segment"]) <= max(numbers, default=0):
+      raise IndexCorruptError(
+        f"manifest {mpath}: next_segment {m['next_segment']} is not above every segment (the "
+        "next commit would overwrite a live one)"
+      )
   except (KeyError, TypeError, ValueError) as e:
     raise IndexCorruptError(f"manifest {mpath} is malformed: {e!r}") from None
   return m

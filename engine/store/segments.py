@@ -214,11 +214,26 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
   """Unit rows, in x's float dtype; norms accumulate in float64 one block at a time (no [N, D]
   float64 temporary)."""
   out = np.empty_like(x)
+  big = np.finfo(x.dtype).max
   for a in range(0, x.shape[0], CHUNK_ROWS):
     b = x[a : a + CHUNK_ROWS]
     n = np.sqrt(np.einsum("ij,ij->i", b, b, dtype=np.float64))
-    np.divide(b, np.where(n > 0, n, 1.0).astype(x.dtype)[:, None], out=out[a : a + len(b)])
+    n = np.where(n > 0, n, 1.0)
+    o = out[a : a + len(b)]
+    np.divide(b, np.minimum(n, big).astype(x.dtype)[:, None], out=o)
+    huge = np.flatnonzero(n > big)  # the norm itself overflows x's dtype: divide in float64
+    o[huge] = b[huge].astype(np.float64) / n[huge, None]
   return out
+
+
+def check_representable(x: np.ndarray, dtype: str) -> None:
+  """Refuses [N, D] float32 rows holding values that the storage dtype cannot hold."""
+  if dtype in ("float16", "bfloat16") and x.size:
+    amax = float(np.max(np.abs(x)))
+    with np.errstate(over="ignore"):
+      stored = np.asarray(amax, np.float32).astype(IN_MEMORY[dtype])
+    if not np.isfinite(stored):
+      raise ValueError(f"vectors hold values up to {amax:g}, beyond what {dtype} can store")
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
