@@ -26,6 +26,7 @@ from engine.store import (
   IndexReadOnlyError,
   StoreError,
   faults,
+  segments,
 )
 
 D = 32
@@ -438,3 +439,30 @@ def test_second_search_does_not_recompile(tmp_path):
       jax.monitoring.clear_event_listeners()
     assert topk_lib.scan_chunk._cache_size() == before
     assert not compiles, compiles
+
+
+def test_size_tiered_merging_bounds_the_segments(tmp_path, monkeypatch):
+  monkeypatch.setattr(segments, "MERGE_FLOOR", 4 * (D + 4))  # 4 int8 rows + scales per tier step
+  x, keys = _data(9, n=700)
+  counts = []
+  with Index.create(tmp_path / "i", dim=D, dtype="int8") as idx:
+    for i in range(0, 700, 7):  # 100 commits of 7 rows
+      idx.add(x[i : i + 7], keys[i : i + 7])
+      counts.append(len(idx.segments))
+      assert idx.keys() == keys[: i + 7]  # merging keeps storage order
+    got = idx.search(x[:50], k=5)
+    idx.delete(keys[100:500])  # most of the big segment: rewritten at the next commit
+    idx.add(x[:1] + 1, ["extra"])
+    assert all(s.deleted.sum() * 2 <= s.rows for s in idx.segments)
+    live = keys[:100] + keys[500:] + ["extra"]
+    assert idx.keys() == live
+  # Base-4 counter over tiers of 4x: at most 3 segments per tier of 7 * 4**t rows.
+  tiers = int(np.log(700 / 7) / np.log(4)) + 1
+  assert max(counts) <= 3 * (tiers + 1), counts
+  with Index.open(tmp_path / "i") as idx:
+    assert idx.keys() == live
+  with Index.create(tmp_path / "c", dim=D, dtype="int8") as ref:
+    ref.add(x, keys)
+    want = ref.search(x[:50], k=5)
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_allclose(got[0], want[0], atol=1e-6)

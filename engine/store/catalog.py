@@ -170,10 +170,10 @@ class Catalog:
     tombstones: list[tuple[str, int]],
     generation: int,
     *,
-    tombstone_older: bool = False,
+    tombstone_segments: Iterable[str] = (),
   ) -> None:
     """Inserts rows (key, segment, row, sha256, size, mtime_ns, added_gen) and stamps tombstones
-    (segment, row) -- or every live row older than `generation` -- in one transaction."""
+    on rows (segment, row) and on every live row of `tombstone_segments`, in one transaction."""
     with self.transaction() as db:
       if inserts:
         db.executemany(_INSERT, inserts)
@@ -182,11 +182,10 @@ class Catalog:
           "UPDATE rows SET deleted_gen = ? WHERE segment = ? AND row = ? AND deleted_gen IS NULL",
           [(generation, s, r) for s, r in tombstones],
         )
-      if tombstone_older:
-        db.execute(
-          "UPDATE rows SET deleted_gen = ? WHERE deleted_gen IS NULL AND added_gen < ?",
-          (generation, generation),
-        )
+      db.executemany(
+        "UPDATE rows SET deleted_gen = ? WHERE segment = ? AND deleted_gen IS NULL",
+        [(generation, name) for name in tombstone_segments],
+      )
     faults.reached("catalog")
 
   def update_stats(self, todo: list[tuple]) -> None:

@@ -24,14 +24,17 @@ from engine.store.segments import Segment
 class Commits:
   """Mixed into `Index`: every method that changes the index."""
 
-  @contextlib.contextmanager
-  def _commit(self):
-    """Guards one commit: writable, catalog errors named, and on any failure the last committed
-    state reloaded (which undoes the leftovers)."""
+  def _check_writable(self) -> None:
     if self._closed:
       raise StoreError(f"index {self.path} is closed")
     if self.readonly:
       raise IndexReadOnlyError(f"index {self.path} was opened readonly")
+
+  @contextlib.contextmanager
+  def _commit(self):
+    """Guards one commit: writable, catalog errors named, and on any failure the last committed
+    state reloaded (which undoes the leftovers)."""
+    self._check_writable()
     try:
       with self._catalog.errors():
         yield
@@ -48,7 +51,10 @@ class Commits:
   def _commit_manifest(self, new_segments: list[dict], drop: Iterable[str] = ()) -> None:
     m = dict(self._manifest)
     drop = set(drop)
-    m["segments"] = [s for s in m["segments"] if s["name"] not in drop] + new_segments
+    kept = [s for s in m["segments"] if s["name"] not in drop]
+    # Replacements take the place of the (contiguous) segments they replace: storage order holds.
+    at = next((i for i, s in enumerate(m["segments"]) if s["name"] in drop), len(m["segments"]))
+    m["segments"] = kept[:at] + new_segments + kept[at:]
     m["generation"] = self._manifest["generation"] + 1
     manifest_lib.write(self.path, m)
     self._manifest = m
@@ -85,9 +91,11 @@ class Commits:
     if self.normalizes:
       x = seg_lib.normalize_rows(x)
     seg_lib.check_representable(x, self.dtype)
+    if not keys:
+      return
+    self._merge_tiers()
     with self._commit():
-      if keys:
-        self._add(x, keys, files or [None] * len(keys))
+      self._add(x, keys, files or [None] * len(keys))
 
   def _add(self, x: np.ndarray, keys: list[str], stats: Sequence[FileStat | None]) -> None:
     name = self._new_segment_name()
@@ -139,11 +147,14 @@ class Commits:
 
   def delete(self, keys: Iterable[str]) -> int:
     """Tombstones live keys (absent keys are ignored); committed on return. Returns the count."""
+    self._check_writable()
+    keys = set(keys)
+    if not any(k in self.live_rows() for k in keys):
+      return 0
+    self._merge_tiers()
+    live = self.live_rows()  # after the merge: it renumbers rows
+    grows = sorted({live[k] for k in keys if k in live})
     with self._commit():
-      live = self.live_rows()
-      grows = sorted({live[k] for k in keys if k in live})
-      if not grows:
-        return 0
       self._catalog.commit_rows([], self._seg_rows(grows), self.generation + 1)
       self._commit_manifest([])
       self._mark_deleted(grows)
@@ -156,14 +167,23 @@ class Commits:
     never re-quantised, so results are unchanged and memory stays at one chunk.
     """
     with self._commit():
-      if self._manifest["segments"]:
-        self._compact(max_segment_rows)
+      if self._segments:
+        self._rewrite(list(self._segments), max_segment_rows)
 
-  def _compact(self, max_segment_rows: int) -> None:
-    old = [s["name"] for s in self._manifest["segments"]]
+  def _merge_tiers(self) -> None:
+    """Size-tiered merging (`segments.merge_run`), run before each add and delete: each merge is a
+    commit of its own, so the segment count stays logarithmic in the index size whatever the commit
+    sizes, and a failed merge fails the call before anything of it is committed."""
+    with self._commit():
+      while run := seg_lib.merge_run(self._segments):
+        self._rewrite(self._segments[run[0] : run[1]], 1 << 62)
+
+  def _rewrite(self, old: list[Segment], max_segment_rows: int) -> None:
+    """Replaces contiguous segments `old` by new ones holding their live rows, in order."""
+    old_names = [s.name for s in old]
     gen = self.generation + 1
     new_segments, inserts = [], []
-    for plan in seg_lib.compaction_plan(self._segments, max_segment_rows):
+    for plan in seg_lib.compaction_plan(old, max_segment_rows):
       n = sum(rows.size for _, rows in plan)
       name = self._new_segment_name()
       files = {}
@@ -171,9 +191,8 @@ class Commits:
         if role in plan[0][0].files:
           dtype, shape = seg_lib.expected(role, self.dtype, n, self.dim)
           path = os.path.join(self.path, name + suffix)
-          files[role] = seg_lib.write_npy_parts(
-            path, dtype, shape[1:], n, seg_lib.stored_parts(plan, role)
-          )
+          parts = seg_lib.stored_parts(plan, role)
+          files[role] = seg_lib.write_npy_parts(path, dtype, shape[1:], n, parts)
       keys = []
       for seg, rows in plan:
         stats = self._catalog.segment_stats(seg.name)
@@ -184,8 +203,8 @@ class Commits:
         {"name": name, "rows": n, "files": files, "keys_sha256": catalog_lib.keys_digest(keys)}
       )
     # Old rows stay (stamped deleted) until the manifest commits; then they are garbage.
-    self._catalog.commit_rows(inserts, [], gen, tombstone_older=True)
-    self._commit_manifest(new_segments, drop=old)
+    self._catalog.commit_rows(inserts, [], gen, tombstone_segments=old_names)
+    self._commit_manifest(new_segments, drop=old_names)
     # Post-commit garbage collection: drop old rows and files (also redone on any writer open).
     self._segments = []
     self._load(verify=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import stat
@@ -40,6 +41,10 @@ _TEMP_RE = re.compile(r"^\.seg-\d{6,}(?:\.scale|\.f32)?\.npy\.[A-Za-z0-9_]{8}\.t
 CHUNK_ROWS = 65536  # rows per streamed read (normalising, compacting)
 _SAMPLE_ROWS = 64
 _WRITE_BYTES = 16 << 20  # at most this many bytes per write call of a segment file
+# Size-tiered merging (`merge_run`): segments below MERGE_FLOOR bytes form the lowest tier; each
+# tier spans a factor MERGE_FANOUT, and MERGE_FANOUT neighbours of one tier merge into one.
+MERGE_FLOOR = 8 << 20
+MERGE_FANOUT = 4
 
 
 def segment_name(number: int) -> str:
@@ -306,3 +311,30 @@ def stored_parts(plan, role: str) -> Iterator[np.ndarray]:
     for a in range(0, rows.size, CHUNK_ROWS):
       part = np.asarray(src[rows[a : a + CHUNK_ROWS]])
       yield part.view(np.uint16) if part.dtype == ml_dtypes.bfloat16 else part
+
+
+def merge_run(segs: list[Segment]) -> tuple[int, int] | None:
+  """The next contiguous run of segments to merge, [start, stop), or None.
+
+  A segment more than half tombstoned is rewritten alone; otherwise the last run of at least
+  MERGE_FANOUT neighbours in one size tier (live bytes; tier t spans MERGE_FLOOR * FANOUT**[t, t+1))
+  merges into one. Like a counter in base MERGE_FANOUT: at most FANOUT - 1 segments per tier stay,
+  so a search or an open touches O(log size) segments, and each row is rewritten O(log size) times.
+  """
+  for i, s in enumerate(segs):
+    if s.rows and s.deleted.sum() * 2 > s.rows:
+      return i, i + 1
+  tiers = []
+  for s in segs:
+    size = sum(f["bytes"] for f in s.files.values()) * (s.rows - int(s.deleted.sum()))
+    size = max(size // max(s.rows, 1), MERGE_FLOOR)
+    tiers.append(int(math.log(size / MERGE_FLOOR, MERGE_FANOUT) + 1e-9))
+  stop = len(segs)
+  while stop > 0:
+    start = stop - 1
+    while start > 0 and tiers[start - 1] == tiers[stop - 1]:
+      start -= 1
+    if stop - start >= MERGE_FANOUT:
+      return start, stop
+    stop = start
+  return None
