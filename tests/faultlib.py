@@ -4,7 +4,9 @@ die at chosen points, and the invariants an index must keep after any fault."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pathlib
 import signal
 import sqlite3
 import subprocess
@@ -18,7 +20,7 @@ import numpy as np
 from engine import store
 from engine.app import indexing, sample
 from engine.common import fileio
-from engine.store import index as store_index
+from engine.store import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = tempfile.mkdtemp(prefix="vgg-retrieval-fault-cache-")
@@ -81,7 +83,7 @@ def fork_index(images, index, *, fault=None, event=None, delay_s=0.0, progress_f
   code = 0
   try:
     if fault:
-      store_index._FAULT = list(fault)
+      faults.kill_at(*fault)
     if event:
       _kill_at_event(event)
 
@@ -111,7 +113,7 @@ def _kill_at_event(n: int) -> None:
   def hook(point):
     tick()
 
-  store_index._fault = hook
+  faults.set_hook(hook)
   real_fsync, real_replace = os.fsync, os.replace
 
   def fsync(fd):
@@ -146,8 +148,7 @@ def count_events(images, index) -> int:
     def hook(point):
       n[0] += 1
 
-    store_index._FAULT = ["segment_write", 1 << 60]  # enable the hook path without ever firing
-    store_index._fault = hook
+    faults.set_hook(hook)
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
@@ -196,11 +197,12 @@ def check_index(path, expected: dict | None = None, atol: float = 0.02) -> list[
   with store.Index.open(path, readonly=True) as r:
     reader_keys = r.keys()
   with store.Index.open(path) as idx:  # recovery runs here
-    m = idx._manifest
+    with open(os.path.join(path, store.MANIFEST)) as f:
+      m = json.load(f)
     live = idx.keys()
     assert live == reader_keys, "reader and writer disagree on the committed state"
     assert len(set(live)) == len(live), "a key is live twice"
-    rows = idx._db.execute("SELECT segment, row, key, added_gen, deleted_gen FROM rows").fetchall()
+    rows = catalog_query(path, "SELECT segment, row, key, added_gen, deleted_gen FROM rows")
     names = {s["name"]: int(s["rows"]) for s in m["segments"]}
     assert len(rows) == sum(names.values()), "catalog rows do not match the manifest"
     assert {(s, r) for s, r, *_ in rows} == {(n, i) for n, c in names.items() for i in range(c)}
@@ -228,10 +230,26 @@ def vectors_of(path) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in idx.iter_vectors()}
 
 
-def run(module, *args, ok=True, env=None, timeout=300):
-  """Runs a binary as a user would; with ok=False it must fail with one line, no traceback."""
+# Runs a binary's __main__ with a crash point armed: argv = [point, n, module, *args].
+_ARMED_MAIN = (
+  "import runpy, sys; from engine.store import faults; "
+  "point, n, module = sys.argv[1:4]; del sys.argv[1:4]; faults.kill_at(point, int(n)); "
+  "sys.argv[0] = module; runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
+
+
+def run(module, *args, ok=True, env=None, timeout=300, fault=None):
+  """Runs a binary as a user would; with ok=False it must fail with one line, no traceback.
+
+  fault: "POINT:N" SIGKILLs the binary the N-th time it reaches the store's crash point POINT.
+  """
+  if fault:
+    point, _, n = fault.partition(":")
+    argv = [sys.executable, "-c", _ARMED_MAIN, point, n or "1", module, *args]
+  else:
+    argv = [sys.executable, "-m", module, *args]
   proc = subprocess.run(
-    [sys.executable, "-m", module, *args],
+    argv,
     cwd=ROOT,
     capture_output=True,
     env={**os.environ, "VGG_RETRIEVAL_CACHE": CACHE, **(env or {})},
@@ -250,9 +268,15 @@ def run(module, *args, ok=True, env=None, timeout=300):
   return proc
 
 
-def catalog_rows(path) -> int:
-  db = sqlite3.connect(f"file:{os.path.join(path, store.CATALOG)}?mode=ro", uri=True)
+def catalog_query(path, sql: str) -> list[tuple]:
+  """Rows of a read-only query of an index's catalog (SQLite)."""
+  uri = pathlib.Path(path, store.CATALOG).absolute().as_uri() + "?mode=ro"
+  db = sqlite3.connect(uri, uri=True)
   try:
-    return db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+    return db.execute(sql).fetchall()
   finally:
     db.close()
+
+
+def catalog_rows(path) -> int:
+  return catalog_query(path, "SELECT COUNT(*) FROM rows")[0][0]

@@ -2,7 +2,7 @@
 
 Kills run the real indexer and store in a forked child with a stub extractor (no model, so a run
 takes a fraction of a second); a few runs kill the `engine.index` binary with the tiny model
-through the store's `VGG_RETRIEVAL_FAULT` hook. `VGG_RETRIEVAL_SOAK=1` adds many random kills.
+through the store's crash points (engine/store/faults.py). `VGG_RETRIEVAL_SOAK=1` adds many random kills.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from engine import cli, store
 from engine.app import indexing
 from engine.common import fileio
 from engine.store import Index, IndexCorruptError, IndexLockedError, StoreError
+from engine.store.catalog import Catalog
 
 # The children never call into JAX (see faultlib.StubExtractor), so its fork warning is moot.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
@@ -145,14 +146,15 @@ def test_binary_killed_mid_segment_and_mid_commit_resumes_to_same_contents(tmp_p
   lives = []
   # 2 files x (header, data) per commit: the 11th write is the 3rd commit's scale data.
   for fault in ["segment_write:11", "catalog:5"]:
-    p = faultlib.run("engine.index", *args, ok=None, env={store.FAULT_ENV: fault})
+    p = faultlib.run("engine.index", *args, ok=None, fault=fault)
     assert p.returncode == -signal.SIGKILL, (fault, p.err)
     lives.append(check_index(idx, expected))
     _tally("kills")
     _tally("rows_verified", len(lives[-1]))
-  assert lives[0] == paths[:16] and lives[1] == paths[:48]  # 2 commits, then 2 + 4 more
+  # 2 commits; then commits 3, 4, a merge of the 4 segments and commit 5 (4 catalog transactions).
+  assert lives[0] == paths[:16] and lives[1] == paths[:40]
   p = faultlib.run("engine.index", *args)
-  assert "indexed 16, unchanged 48, failed 0" in p.out
+  assert "indexed 24, unchanged 40, failed 0" in p.out
   final = check_index(idx, expected)
   assert sorted(final) == paths
   got = faultlib.vectors_of(idx)
@@ -391,15 +393,15 @@ def test_disk_full_on_a_segment_write_stops_at_the_last_commit(tmp_path, photos,
 
 def test_disk_full_in_the_catalog_stops_at_the_last_commit(tmp_path, photos, monkeypatch):
   def fail(mp, idx):
-    real, calls = Index._transaction, [0]
+    real, calls = Catalog.commit_rows, [0]
 
-    def transaction(self, *a):
+    def commit_rows(self, *a, **kw):
       calls[0] += 1
       if calls[0] == 5:
         raise sqlite3.OperationalError("database or disk is full")
-      real(self, *a)
+      real(self, *a, **kw)
 
-    mp.setattr(Index, "_transaction", transaction)
+    mp.setattr(Catalog, "commit_rows", commit_rows)
 
   err = _index_with_failure(tmp_path, photos, monkeypatch, fail)
   assert "catalog.sqlite" in err and "disk is full" in err

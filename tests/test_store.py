@@ -1,8 +1,10 @@
 """The on-disk index: round trips, updates, filters, crash safety and corruption detection."""
 
-import contextlib
 import json
 import os
+import pathlib
+import signal
+import sqlite3
 import subprocess
 import sys
 
@@ -23,6 +25,8 @@ from engine.store import (
   IndexNotFoundError,
   IndexReadOnlyError,
   StoreError,
+  faults,
+  segments,
 )
 
 D = 32
@@ -151,7 +155,7 @@ def test_compaction_preserves_results(tmp_path):
     idx.compact()
     after = idx.search(q, k=10)
     assert len(idx) == 2000
-    assert len(idx._manifest["segments"]) == 1
+    assert len(idx.segments) == 1
     files = sorted(f for f in os.listdir(tmp_path / "i") if f.startswith("seg-"))
     assert len(files) == 3  # vectors, scales, float32 copy of the one new segment
     assert idx.get_file_stat(keys[1]) == FileStat("h", 0, 0)
@@ -173,7 +177,7 @@ def test_compaction_streams_stored_rows_unchanged(tmp_path, dtype):
     stored = idx.get_vectors(live, float32_copy=False)
     copy = idx.get_vectors(live)
     idx.compact(max_segment_rows=700)
-    assert [s["rows"] for s in idx._manifest["segments"]] == [700, 700, 100]
+    assert [s.rows for s in idx.segments] == [700, 700, 100]
   with Index.open(tmp_path / "i", verify=True) as idx:  # every sha256 and sample digest holds
     np.testing.assert_array_equal(idx.get_vectors(live, float32_copy=False), stored)
     np.testing.assert_array_equal(idx.get_vectors(live), copy)
@@ -284,20 +288,31 @@ class _Crash(Exception):
   pass
 
 
-def _crash_at_manifest(monkeypatch):
-  # A crashed process runs no cleanup: disable the in-process rollback too.
-  monkeypatch.setattr(Index, "_commit_guard", contextlib.nullcontext)
-  real = fileio.atomic_write_json
+def _killed_at(point, n, path, op):
+  """Runs `op(Index.open(path))` in a forked child that SIGKILLs itself at the store's crash point
+  (point, n): no cleanup runs, as in a real crash. The child never calls into JAX."""
+  pid = os.fork()
+  if pid == 0:
+    try:
+      faults.kill_at(point, n)
+      op(Index.open(path))
+    finally:
+      os._exit(3)  # reached only if the crash point was never hit
+  _, status = os.waitpid(pid, 0)
+  assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
 
-  def boom(path, obj):
-    if os.path.basename(path) == store_mod.MANIFEST:
-      raise _Crash
-    real(path, obj)
 
-  monkeypatch.setattr(fileio, "atomic_write_json", boom)
+def _catalog_counts(p):
+  uri = pathlib.Path(p, store_mod.CATALOG).as_uri() + "?mode=ro"
+  db = sqlite3.connect(uri, uri=True)
+  try:
+    return db.execute("SELECT COUNT(*), COUNT(deleted_gen) FROM rows").fetchone()
+  finally:
+    db.close()
 
 
-def test_crash_before_manifest_commit_keeps_last_state(tmp_path, monkeypatch):
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the children never call JAX
+def test_crash_before_manifest_commit_keeps_last_state(tmp_path):
   x, keys = _data(7, n=600)
   p = tmp_path / "i"
   with Index.create(p, dim=D, dtype="int8", keep_float32=True) as idx:
@@ -311,47 +326,24 @@ def test_crash_before_manifest_commit_keeps_last_state(tmp_path, monkeypatch):
     with Index.open(p) as idx:
       assert len(idx) == 300 and sorted(idx.keys()) == sorted(keys[:300])
       np.testing.assert_array_equal(idx.search(x[:5], k=5)[1], committed[1])
-      n = idx._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
-      assert (
-        n == 300
-        and idx._db.execute("SELECT COUNT(*) FROM rows WHERE deleted_gen IS NOT NULL").fetchone()[0]
-        == 0
-      )
+    assert _catalog_counts(p) == (300, 0)
     assert _files(p) == files_before
 
   # 1. add: segment written and catalog committed, manifest not replaced. Re-adding key 0 would
   #    tombstone its old row: that tombstone must be undone too.
-  with monkeypatch.context() as mp:
-    _crash_at_manifest(mp)
-    idx = Index.open(p)
-    with pytest.raises(_Crash):
-      idx.add(x[300:], [keys[0]] + keys[301:])
-    idx.close()
+  _killed_at("catalog", 1, p, lambda idx: idx.add(x[300:], [keys[0]] + keys[301:]))
   assert any(f.startswith("seg-000002") for f in os.listdir(p))
   check()
-  # 2. add: crash between the segment files and the catalog transaction.
-  with monkeypatch.context() as mp:
-    idx = Index.open(p)
-    mp.setattr(Index, "_commit_guard", contextlib.nullcontext)
-    mp.setattr(Index, "_transaction", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
-    with pytest.raises(_Crash):
-      idx.add(x[300:], keys[300:])
-    idx.close()
+  # 2. add: crash between the segment files (3 of them) and the catalog transaction.
+  _killed_at("segment_file", 3, p, lambda idx: idx.add(x[300:], keys[300:]))
   check()
   # 3. delete and compact interrupted before the manifest.
-  with monkeypatch.context() as mp:
-    _crash_at_manifest(mp)
-    idx = Index.open(p)
-    with pytest.raises(_Crash):
-      idx.delete(keys[:50])
-    idx.close()
-    idx = Index.open(p)
-    with pytest.raises(_Crash):
-      idx.compact()
-    idx.close()
+  _killed_at("catalog", 1, p, lambda idx: idx.delete(keys[:50]))
+  check()
+  _killed_at("catalog", 1, p, lambda idx: idx.compact())
   check()
   # 4. An exception inside a live process rolls the object back to the committed state at once.
-  with monkeypatch.context() as mp:
+  with pytest.MonkeyPatch.context() as mp:
     real = fileio.atomic_write_json
     mp.setattr(
       fileio,
@@ -368,7 +360,7 @@ def test_crash_before_manifest_commit_keeps_last_state(tmp_path, monkeypatch):
     idx.close()
   check()
   # 5. A stray temporary file from an interrupted atomic write is removed on open.
-  (p / ".seg-000009.npy.abc.tmp").write_bytes(b"partial")
+  (p / ".seg-000009.npy.k2j4x_9a.tmp").write_bytes(b"partial")
   check()
 
 
@@ -447,3 +439,30 @@ def test_second_search_does_not_recompile(tmp_path):
       jax.monitoring.clear_event_listeners()
     assert topk_lib.scan_chunk._cache_size() == before
     assert not compiles, compiles
+
+
+def test_size_tiered_merging_bounds_the_segments(tmp_path, monkeypatch):
+  monkeypatch.setattr(segments, "MERGE_FLOOR", 4 * (D + 4))  # 4 int8 rows + scales per tier step
+  x, keys = _data(9, n=700)
+  counts = []
+  with Index.create(tmp_path / "i", dim=D, dtype="int8") as idx:
+    for i in range(0, 700, 7):  # 100 commits of 7 rows
+      idx.add(x[i : i + 7], keys[i : i + 7])
+      counts.append(len(idx.segments))
+      assert idx.keys() == keys[: i + 7]  # merging keeps storage order
+    got = idx.search(x[:50], k=5)
+    idx.delete(keys[100:500])  # most of the big segment: rewritten at the next commit
+    idx.add(x[:1] + 1, ["extra"])
+    assert all(s.deleted.sum() * 2 <= s.rows for s in idx.segments)
+    live = keys[:100] + keys[500:] + ["extra"]
+    assert idx.keys() == live
+  # Base-4 counter over tiers of 4x: at most 3 segments per tier of 7 * 4**t rows.
+  tiers = int(np.log(700 / 7) / np.log(4)) + 1
+  assert max(counts) <= 3 * (tiers + 1), counts
+  with Index.open(tmp_path / "i") as idx:
+    assert idx.keys() == live
+  with Index.create(tmp_path / "c", dim=D, dtype="int8") as ref:
+    ref.add(x, keys)
+    want = ref.search(x[:50], k=5)
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_allclose(got[0], want[0], atol=1e-6)

@@ -547,25 +547,40 @@ def chunked_topk(
   valid=None,
   chunk_rows: int | None = None,
   method: str | None = None,
+  offset: int = 0,
+  best: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk` over a host matrix (numpy or memory-mapped) streamed in fixed-size chunks.
 
   Full chunks are handed to the kernel without a copy (`jax.device_put` aliases 64-byte-aligned host
   memory on CPU, where `jnp.asarray` copies); the tail is zero-padded to the same shape and masked,
-  so one compiled program serves every chunk. Peak extra memory is one chunk of scores.
+  so one compiled program serves every chunk. Peak extra memory is one chunk of scores. Chunks
+  without a valid row are skipped.
+
+  Args:
+    queries: [Q, D] float.
+    matrix: [N, D] host array in a storage dtype.
+    k: results per query.
+    metric, scales, valid, method: as in `topk` (`valid` as a host bool array).
+    chunk_rows: rows per kernel call; default `chunk_rows_for`.
+    offset: added to the returned ids (the global row of `matrix[0]`).
+    best: a running [Q, k] top-k to merge into (several matrices streamed one after another).
 
   Returns:
-    scores [Q, k] float32 and ids [Q, k] int32 as `topk` (ids index rows of `matrix`).
+    scores [Q, k] float32 and ids [Q, k] int32 as `topk` (ids: rows of `matrix` plus `offset`).
   """
   q = jnp.asarray(queries, jnp.float32)
   n, d = matrix.shape
-  best = empty_topk(q.shape[0], k)
+  if best is None:
+    best = empty_topk(q.shape[0], k)
   rows_per_call = chunk_rows_for(q.shape[0], chunk_rows, matrix.dtype, method)
   for start, rows, padded in plan_chunks(n, rows_per_call):
     stop = start + rows
+    va = np.ones(rows, bool) if valid is None else np.asarray(valid[start:stop], bool)
+    if not va.any():
+      continue
     m = matrix[start:stop]
     sc = None if scales is None else scales[start:stop]
-    va = np.ones(rows, bool) if valid is None else np.asarray(valid[start:stop], bool)
     if padded > rows:
       m = np.concatenate([np.asarray(m), np.zeros((padded - rows, d), m.dtype)])
       sc = (
@@ -574,8 +589,9 @@ def chunked_topk(
         else np.concatenate([np.asarray(sc), np.zeros(padded - rows, np.float32)])
       )
       va = np.concatenate([va, np.zeros(padded - rows, bool)])
-    m = jax.device_put(m)
-    sc = None if sc is None else jax.device_put(sc)
+    m = jax.device_put(np.asarray(m))
+    sc = None if sc is None else jax.device_put(np.asarray(sc))
     va = None if va.all() else va  # the no-mask variant is faster (bfloat16: 10x at Q = 1)
-    best = scan_chunk(q, m, sc, va, np.int32(start), *best, k=k, metric=metric, method=method)
+    off = np.int32(offset + start)
+    best = scan_chunk(q, m, sc, va, off, *best, k=k, metric=metric, method=method)
   return best

@@ -1,12 +1,12 @@
-"""The on-disk index: memory-mapped segments, a SQLite catalog and an atomic manifest."""
+"""The on-disk index: memory-mapped segments, a SQLite catalog and an atomic manifest.
 
-from engine.store.index import (
-  CATALOG,
-  DTYPES,
-  FAULT_ENV,
-  MANIFEST,
-  FileStat,
-  Index,
+`Index` is the handle (engine/store/index.py); segments.py is the file format, catalog.py the
+SQLite catalog and its transactions, manifest.py the commit point, commits.py the write protocol,
+search.py the scan through the top-k kernels, faults.py the crash points of the fault tests.
+"""
+
+from engine.store.catalog import CATALOG, FileStat
+from engine.store.errors import (
   IndexCorruptError,
   IndexExistsError,
   IndexLockedError,
@@ -14,14 +14,15 @@ from engine.store.index import (
   IndexNotFoundError,
   IndexReadOnlyError,
   StoreError,
-  exists,
-  quantize_int8,
 )
+from engine.store.index import LOCK, Index, exists
+from engine.store.manifest import MANIFEST
+from engine.store.segments import DTYPES, quantize_int8
 
 __all__ = [
   "CATALOG",
   "DTYPES",
-  "FAULT_ENV",
+  "LOCK",
   "MANIFEST",
   "FileStat",
   "Index",
