@@ -10,4 +10,6 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 # jax2onnx pins an older orbax-checkpoint than the engine needs; it runs fine without it.
 python -c "import jax2onnx" 2>/dev/null || python -m pip install -q --no-deps "jax2onnx==0.17.1"
 ruff check . && ruff format --check . >/dev/null
+# The layering of the engine (pyproject.toml, [tool.importlinter]).
+lint-imports --no-cache >/dev/null || lint-imports --no-cache
 python -m pytest -q "$@"
