@@ -18,6 +18,14 @@ from engine.features.preprocess import Preprocessing
 
 # Larger images are refused (decompression-bomb guard); 20000 x 20000 = 400M is over it.
 MAX_PIXELS = 150_000_000
+# And images whose decoding would need more memory than this: the budget is in bytes, per mode
+# (`decode_bytes`), so a 16-bit or float image counts for more than an 8-bit one of its size.
+MAX_DECODE_BYTES = 1_200_000_000
+# Peak bytes per pixel of decoding a mode and converting it to RGB: Pillow's own buffer, the numpy
+# view of a high-bit-depth image (`_to_l8`), the 8-bit result and Pillow's 4-byte RGB.
+_PEAK_BYTES_PER_PIXEL = {"1": 5, "L": 5, "P": 5, "I;16": 9, "I": 13, "F": 13}
+_HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_BLOCK_PIXELS = 1 << 20  # high-bit-depth conversion works on blocks of rows of about this many
 
 IMAGE_EXTENSIONS = frozenset(
   ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .ico .tga"
@@ -54,7 +62,20 @@ def _open(path: str | os.PathLike) -> Image.Image:
   if w * h > MAX_PIXELS:
     img.close()
     raise ImageError(f"image too large ({w}x{h} pixels, limit {MAX_PIXELS})")
+  need = decode_bytes(img.mode, w, h)
+  if need > MAX_DECODE_BYTES:
+    img.close()
+    raise ImageError(
+      f"image too large to decode ({w}x{h} {img.mode}: about {need / 1e6:.0f} MB, limit "
+      f"{MAX_DECODE_BYTES / 1e6:.0f} MB)"
+    )
   return img
+
+
+def decode_bytes(mode: str, width: int, height: int) -> int:
+  """Peak memory in bytes of decoding a `mode` image of this size into RGB pixels."""
+  key = "I;16" if mode.startswith("I;16") else mode
+  return width * height * _PEAK_BYTES_PER_PIXEL.get(key, 9)
 
 
 def probe(path: str | os.PathLike) -> str | None:
@@ -79,15 +100,8 @@ def sniff(path: str | os.PathLike) -> bool:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
   """Any Pillow mode -> RGB; transparency is composited over white."""
-  if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-    arr = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-    if img.mode == "F":
-      lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
-      arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
-    else:
-      arr = arr * (255.0 / top)
-    img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+  if img.mode in _HIGH_BIT_DEPTH:
+    img = Image.fromarray(_to_l8(img), "L")
   if img.mode == "P" and "transparency" in img.info:
     img = img.convert("RGBA")
   if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -95,6 +109,31 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     img = Image.alpha_composite(background, rgba)
   return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _to_l8(img: Image.Image) -> np.ndarray:
+  """A 16-bit, 32-bit integer or float grey image -> `[H, W]` uint8, scaled to its range (16-bit
+  and wide integers by their full scale, float by min..max), one block of rows at a time in float32
+  so no temporary of the whole image is wider than the image itself."""
+  arr = np.asarray(img)
+  if img.mode == "F":
+    finite = np.isfinite(arr)
+    lo = float(arr.min(initial=0.0, where=finite))
+    hi = float(arr.max(initial=1.0, where=finite))
+    offset, scale = lo, 255.0 / max(hi - lo, 1e-12)
+  else:
+    top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    offset, scale = 0.0, 255.0 / top
+  out = np.empty(arr.shape, np.uint8)
+  step = max(1, _BLOCK_PIXELS // max(1, arr.shape[1]))
+  for r in range(0, arr.shape[0], step):
+    block = arr[r : r + step].astype(np.float32)
+    block -= offset
+    block *= scale
+    block += 0.5
+    np.clip(np.nan_to_num(block, nan=0.0), 0, 255, out=block)
+    out[r : r + step] = block
+  return out
 
 
 def _resize(img: Image.Image, pre: Preprocessing) -> Image.Image:
