@@ -72,17 +72,21 @@ def test_pool5_is_flattened_in_hwc_order():
   np.testing.assert_allclose(ex(px), pool5.reshape(2, -1), rtol=1e-5, atol=1e-6)
 
 
-def test_no_recompilation_and_padding_does_not_change_results():
+def test_batch_shapes_adapt_and_padding_does_not_change_results():
   ex = Extractor("random:2", "gem", config="tiny", batch_size=4)
+  assert [ex.padded_batch(n) for n in range(1, 5)] == [1, 2, 4, 4]
   px = _pixels(10, 64, 96, seed=5)
   first = ex(px[:4])
+  batched = ex(px)  # batches of 4, 4 and 2: one more shape
   compiled = ex.compiled_shapes()
-  batched = ex(px)  # 3 batches of 4, the last padded: no new compilation
-  assert ex.compiled_shapes() == compiled
+  ex(px)
+  assert ex.compiled_shapes() == compiled  # the same shapes again: nothing new
   np.testing.assert_allclose(batched[:4], first, rtol=1e-5, atol=1e-6)
-  alone = ex(px[9:10])
+  alone = ex(px[9:10])  # one image runs as a batch of one
   np.testing.assert_allclose(batched[9:10], alone, rtol=1e-5, atol=1e-6)
-  assert ex.compiled_shapes() == compiled
+  three = ex(px[:3])  # padded to 4: the padding rows do not leak into the results
+  np.testing.assert_allclose(three, first[:3], rtol=1e-5, atol=1e-6)
+  assert ex.compiled_shapes() == compiled + 1
 
 
 def test_extract_paths_skips_bad_files_and_keeps_order(tmp_path, image_dir):

@@ -1,8 +1,9 @@
 """Images -> descriptors: a jit-compiled, fixed-shape, batched extractor.
 
 Batches of uint8 RGB pixels `[B, H, W, 3]` go through `engine.features.forward` (XLA) or the same
-computation exported to OpenVINO. Shapes are fixed per batch size and input bucket, so it compiles
-once per bucket; the last partial batch is padded and the padding rows dropped. Decoding runs in a
+computation exported to OpenVINO. Shapes are fixed per batch size and input bucket; a last, partial
+batch is padded to the next power of two (so one image costs one image of compute) and the padding
+rows dropped, so a run compiles a few shapes per bucket at most. Decoding runs in a
 thread pool ahead of the device, and the device runs one batch ahead of the host reading results
 back.
 """
@@ -55,7 +56,7 @@ class Extractor:
     image_size: input side, or the longer side for keep_aspect. Default: the model's input size
       for fc1/fc2/pool5, DEFAULT_MAX_SIDE for pooled conv descriptors. The pixel convention always
       comes from the weights.
-    batch_size: images per device call (fixed: the last batch is padded).
+    batch_size: images per device call; a last, partial batch is padded to the next power of two.
     precision: `fp32` or `bf16` (bf16 compute with float32 accumulation).
     config: model preset used with random weights (a name in `model.PRESETS`).
     whitening: optional PCA whitening applied after the descriptor.
@@ -197,6 +198,12 @@ class Extractor:
       descriptor=self.descriptor,
     )
 
+  def padded_batch(self, n: int) -> int:
+    """The batch shape that carries n <= batch_size images: the next power of two, at most
+    batch_size. A one-image query costs one image of compute, and a run compiles at most
+    log2(batch_size) + 1 batch shapes per input bucket."""
+    return min(self.batch_size, 1 << max(0, n - 1).bit_length())
+
   def _finish(self, feats: np.ndarray) -> np.ndarray:
     feats = np.asarray(feats, np.float32)
     return self.whitening(feats) if self.whitening is not None else feats
@@ -207,7 +214,8 @@ class Extractor:
     """(position, pixels | None, error | None) -> (position, descriptor | None, error | None).
 
     Images are grouped by shape (bucket) into fixed-size batches; a bucket's batch goes to the
-    device when full, and everything left is padded and flushed at the end. Results come out in
+    device when full, and what is left is padded (`padded_batch`) and flushed at the end. Results
+    come out in
     completion order, one batch behind the dispatch so host and device overlap.
     """
     buckets: dict[tuple, list[tuple[int, np.ndarray]]] = collections.defaultdict(list)
@@ -215,7 +223,7 @@ class Extractor:
 
     def dispatch(shape):
       group = buckets.pop(shape)
-      batch = np.zeros((self.batch_size, *shape), np.uint8)
+      batch = np.zeros((self.padded_batch(len(group)), *shape), np.uint8)
       for i, (_, px) in enumerate(group):
         batch[i] = px
       in_flight.append(([pos for pos, _ in group], self.run_batch(batch)))
