@@ -260,7 +260,6 @@ def test_bad_flags_and_files_fail_in_one_line(tmp_path, tiny):
     ),
     (["engine.query", f"--index={make('other', other)}", f"--query={query}"], ""),
     (["engine.query", f"--index={good}", f"--query={query}", "--k=-3"], "k"),
-    (["engine.query", f"--index={good}", f"--query={query}", "--k=2"], "larger than the index"),
     (
       ["engine.query", f"--index={good}", f"--query={tmp_path / 'undecodable.jpg'}", "--k=1"],
       "decod",

@@ -19,6 +19,7 @@ import numpy as np
 
 from engine import store
 from engine.app import walk
+from engine.common.errors import UserError
 from engine.common.fileio import atomic_write
 from engine.features.extractor import Extractor, check_compatible
 
@@ -97,18 +98,24 @@ class Progress:
     self.stream.flush()
 
 
-def open_or_create(path: str, extractor: Extractor, dtype: str) -> store.Index:
-  """Opens the index at `path` for writing, refusing one built with a different extractor."""
+def open_or_create(path: str, extractor: Extractor, dtype: str | None = None) -> store.Index:
+  """Opens the index at `path` for writing, refusing one built with a different extractor or
+  stored in another dtype than `dtype` (None: whatever it stores; "int8" for a new index)."""
   if store.exists(path):
     idx = store.Index.open(path)
     try:
       check_compatible(idx.metadata, extractor)
+      if dtype is not None and dtype != idx.dtype:
+        raise UserError(
+          f"the index at {path} stores {idx.dtype} vectors; dtype {dtype} applies to a new index "
+          "only (leave it out to add to this one)"
+        )
     except BaseException:
       idx.close()
       raise
     return idx
   return store.Index.create(
-    path, dim=extractor.dim, dtype=dtype, metadata=extractor.index_metadata()
+    path, dim=extractor.dim, dtype=dtype or "int8", metadata=extractor.index_metadata()
   )
 
 
@@ -117,7 +124,7 @@ def index_folder(
   index_path: str,
   extractor: Extractor,
   *,
-  dtype: str = "int8",
+  dtype: str | None = None,
   prune: bool = False,
   commit_every: int = 256,
   report_path: str | None = None,
@@ -130,7 +137,7 @@ def index_folder(
     root: image folder (recursive) or a single file.
     index_path: index folder, created on first use.
     extractor: must match the one the index was built with.
-    dtype: storage dtype for a new index.
+    dtype: storage dtype: of a new index ("int8" if None); an existing one must store this.
     prune: tombstone indexed files under `root` that no longer exist.
     commit_every: images per commit (the most work an interruption can lose).
     report_path: where to write the failures (tab-separated path, reason); default

@@ -30,15 +30,14 @@ def query_index(
 ) -> QueryResults:
   """Extracts the query image(s) and searches the index with them.
 
+  Returns at most k matches per query: all the index holds when it holds fewer.
+
   Raises:
-    UserError: empty index, k larger than the index, or no query image could be decoded.
+    UserError: empty index, or no query image could be decoded.
   """
   with store.Index.open(index_path, readonly=True) as idx:
-    n = len(idx)
-    if n == 0:
+    if len(idx) == 0:
       raise UserError(f"the index at {index_path} is empty: index some images first")
-    if k > n:
-      raise UserError(f"--k={k} is larger than the index ({n} images); use --k={n} or less")
     paths, failed = split_images(query)
     if not paths and not failed:
       raise UserError(f"no query images found under {query}")
