@@ -466,13 +466,18 @@ def test_second_writer_is_refused_and_the_lock_is_freed_by_a_kill(tmp_path, phot
 
 def test_readers_see_only_complete_commits_while_a_writer_commits(tmp_path, photos):
   folder, paths, expected = photos
+  rng = np.random.default_rng(3)
+  queries = _unit(rng.standard_normal((8, 16))).astype(np.float32)
+  # Compile the readers' search before the writer starts, so the readers spend the writer's run
+  # searching (a first compile takes longer than the whole run on some CPUs).
+  with Index.create(tmp_path / "warm", dim=16, dtype="int8") as warm:
+    warm.add(rng.standard_normal((8, 16)), [str(i) for i in range(8)])
+    warm.search(queries, k=5)
   idx, progress = str(tmp_path / "idx"), str(tmp_path / "progress")
   pid = fork_index(folder, idx, delay_s=0.01, progress_file=progress)
   while not store.exists(idx):
     time.sleep(0.005)
   errors, searches = [], [0]
-  rng = np.random.default_rng(3)
-  queries = _unit(rng.standard_normal((8, 16))).astype(np.float32)
   unit = {k: _unit(v) for k, v in expected.items()}
   done = threading.Event()
 
