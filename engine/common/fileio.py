@@ -14,9 +14,6 @@ import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
-UMASK = os.umask(0)
-os.umask(UMASK)
-
 CACHE_ENV = "VGG_RETRIEVAL_CACHE"
 
 
@@ -26,6 +23,30 @@ def cache_root() -> str:
   return os.environ.get(CACHE_ENV) or os.path.join(
     os.path.expanduser("~"), ".cache", "vgg-retrieval"
   )
+
+
+def current_umask() -> int:
+  """The process umask, read without changing it where the OS allows (Linux: /proc/self/status).
+
+  Elsewhere it is set and restored at once, which another thread could observe.
+  """
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def __getattr__(name: str) -> Any:
+  # `UMASK` was once read at import (by toggling the umask); it is now read on use.
+  if name == "UMASK":
+    return current_umask()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -42,8 +63,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
   try:
-    os.chmod(tmp, 0o666 & ~UMASK)
     with os.fdopen(fd, "wb") as f:
+      os.fchmod(f.fileno(), 0o666 & ~current_umask())  # as open() would; mkstemp gives 0o600
       write(f)
       f.flush()
       os.fsync(f.fileno())

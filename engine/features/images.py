@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.features.preprocess import Preprocessing
 
@@ -158,6 +158,8 @@ def load(path: str | os.PathLike, pre: Preprocessing) -> np.ndarray:
 
   JPEGs decode at a reduced scale when the output is much smaller (draft mode); EXIF orientation
   is applied; animated images give their first frame.
+  Truncated files raise under Pillow's default `ImageFile.LOAD_TRUNCATED_IMAGES = False`, which
+  this module leaves to the application.
 
   Raises:
     ImageError: unreadable, undecodable, truncated, too large or empty.
@@ -221,7 +223,3 @@ def load_many(
         pending.append((nxt[0], pool.submit(job, nxt[1])))
       arr, err = fut.result()
       yield pos, arr, err
-
-
-# Truncated files raise instead of decoding to grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
