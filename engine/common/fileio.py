@@ -18,8 +18,9 @@ CACHE_ENV = "VGG_RETRIEVAL_CACHE"
 
 
 def cache_root() -> str:
-  """The engine's per-user cache (converted weights, exported models, compiled kernels):
-  `$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`."""
+  """The one per-user cache every reader and writer uses: `$VGG_RETRIEVAL_CACHE`, default
+  `~/.cache/vgg-retrieval`. It holds fetched and converted weights (`weights.fetch`, found by
+  `--weights=auto`), exported graphs (`exported/`) and compiled kernels (`native/`)."""
   return os.environ.get(CACHE_ENV) or os.path.join(
     os.path.expanduser("~"), ".cache", "vgg-retrieval"
   )
@@ -88,9 +89,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-  h = hashlib.sha256()
+def file_digests(path: str | os.PathLike, *algorithms: str, chunk: int = 1 << 22) -> dict[str, str]:
+  """Hex digests of a file's bytes in one pass, by hashlib name (default: sha256)."""
+  hashes = {a: hashlib.new(a, usedforsecurity=False) for a in algorithms or ("sha256",)}
   with open(path, "rb") as f:
     while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
+      for h in hashes.values():
+        h.update(block)
+  return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  """The sha256 of a file's bytes, in hex: the checksum every manifest and record uses."""
+  return file_digests(path, "sha256")["sha256"]
