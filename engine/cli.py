@@ -6,27 +6,20 @@ Only binaries import this module: library modules never read flags.
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
 import sys
 
-import numpy as np
-from absl import flags, logging
+from absl import flags
 
-from engine.app import walk
+from engine.app import extraction
 from engine.common import fileio
 from engine.common.errors import UserError
-from engine.common.fileio import atomic_write, atomic_write_text
 from engine.features import backends, checkpoint, images
-from engine.features.descriptors import DESCRIPTORS, Descriptor
-from engine.features.extractor import PRECISIONS, Extractor
+from engine.features.descriptors import DESCRIPTORS
+from engine.features.extractor import PRECISIONS
 from engine.features.preprocess import RESIZE_POLICIES
 
 DESCRIPTOR_NAMES = list(DESCRIPTORS)
-
-
-def cache_dir() -> str:
-  """Where `weights.fetch` puts converted weights (overridable with $VGG_RETRIEVAL_CACHE)."""
-  return fileio.cache_root()
 
 
 def define_extractor_flags() -> None:
@@ -65,76 +58,31 @@ def define_extractor_flags() -> None:
   )
 
 
-def find_cached_weights() -> str | None:
-  root = cache_dir()
-  if not os.path.isdir(root):
-    return None
-  for name in sorted(os.listdir(root)):
-    folder = os.path.join(root, name)
-    if os.path.isfile(os.path.join(folder, checkpoint.WEIGHTS_JSON)):
-      return folder
-  return None
-
-
-def resolve_weights(spec: str) -> str:
-  """Turns `auto` into a weights folder or `random`, saying so when it falls back."""
-  if spec != "auto":
-    return spec
-  found = find_cached_weights()
-  if found:
-    logging.info("using converted weights in %s", found)
-    return found
-  print(
-    "note: no converted ImageNet weights found (python -m weights.fetch --source=keras_h5 "
-    "downloads them); running on RANDOM weights (--weights=random), not ImageNet.",
-    file=sys.stderr,
-  )
-  return "random"
-
-
-def make_extractor(descriptor: str, normalize: bool = True, whitening=None) -> Extractor:
+def settings() -> extraction.Settings:
+  """The extractor flags' values (after `define_extractor_flags` and flag parsing)."""
   f = flags.FLAGS
-  return Extractor(
-    resolve_weights(f.weights),
-    Descriptor(descriptor, p=f.gem_p, normalize=normalize),
+  return extraction.Settings(
+    weights=f.weights,
+    config=f.config,
+    precision=f.precision,
     resize=f.resize,
     image_size=f.image_size,
+    gem_p=f.gem_p,
     batch_size=f.batch_size,
-    precision=f.precision,
-    config=f.config,
-    whitening=whitening,
     workers=f.workers,
+    backend=f.backend,
   )
 
 
-def extractor_for_index(index_path: str, descriptor: str | None = None) -> Extractor:
-  """The extractor an existing index was built with, or a new one from the flags.
-
-  With an existing index, extractor flags given explicitly must agree with what the index
-  recorded (a clear error names what differs); flags left at their defaults follow the index.
-  """
-  from engine import store
-  from engine.features.extractor import check_compatible
-
-  exists = store.exists(index_path)
-  if not exists and descriptor is None:
-    raise UserError(f"no index at {index_path}")
-  if not exists:
-    return make_extractor(descriptor)
-  with store.Index.open(index_path, readonly=True) as idx:
-    meta = idx.metadata
+def explicit_settings() -> set[str]:
+  """Names of the extractor settings given on the command line (not left at their defaults)."""
   f = flags.FLAGS
-  settings = ["config", "precision", "resize", "image_size", "gem_p", "descriptor"]
-  explicit = [n for n in settings if n in f and not f[n].using_default_value]
-  if explicit:
-    recorded = meta.get("extractor", {}).get("descriptor", {}).get("name")
-    ex = make_extractor(f.descriptor if "descriptor" in f else (descriptor or recorded))
-    check_compatible(meta, ex)
-    return ex
-  weights = None if f["weights"].using_default_value else resolve_weights(f.weights)
-  return Extractor.from_index_metadata(
-    meta, weights, batch_size=f.batch_size, workers=f.workers, backend=f.backend
-  )
+  names = [
+    "weights",
+    "descriptor",
+    *(field.name for field in dataclasses.fields(extraction.Settings)),
+  ]
+  return {n for n in names if n in f and not f[n].using_default_value}
 
 
 @contextlib.contextmanager
@@ -161,25 +109,3 @@ def user_errors():
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
-
-
-def extract_to_folder(extractor: Extractor, source: str, output: str) -> None:
-  """Writes features.npy, paths.txt and errors.txt for every image under `source`."""
-  paths, bad = walk.split_images(source)
-  if not paths:
-    raise UserError(f"no images found under {source}")
-  logging.info("extracting %d images with %s", len(paths), extractor.descriptor.name)
-  result = extractor.extract_paths(paths)
-  bad += [(paths[pos], reason) for pos, reason in sorted(result.errors.items())]
-  if not len(result.positions):
-    raise UserError(f"none of the {len(paths)} images under {source} could be decoded")
-  os.makedirs(output, exist_ok=True)
-  atomic_write(os.path.join(output, "features.npy"), lambda f: np.save(f, result.features))
-  kept = [paths[p] for p in result.positions]
-  atomic_write_text(os.path.join(output, "paths.txt"), "".join(f"{p}\n" for p in kept))
-  atomic_write_text(os.path.join(output, "errors.txt"), "".join(f"{p}\t{r}\n" for p, r in bad))
-  label = " (RANDOM weights, not ImageNet)" if extractor.weights_info.is_random else ""
-  print(
-    f"wrote {result.features.shape[0]} x {result.features.shape[1]} {extractor.descriptor.name} "
-    f"features to {output}{label}; {len(bad)} files skipped (see errors.txt)"
-  )

@@ -8,8 +8,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from engine import cli
-from engine.features.descriptors import Descriptor
-from engine.features.extractor import Extractor
+from engine.app import extraction
 from engine.features.onnx_export import FORMATS, export_onnx
 
 _WEIGHTS = flags.DEFINE_string(
@@ -38,12 +37,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
-    extractor = Extractor(
-      cli.resolve_weights(_WEIGHTS.value),
-      Descriptor(_LAYER.value, p=_GEM_P.value, normalize=_NORMALIZE.value),
-      image_size=_IMAGE_SIZE.value,
+    settings = extraction.Settings(
+      weights=_WEIGHTS.value,
       config=_CONFIG.value,
+      image_size=_IMAGE_SIZE.value,
+      gem_p=_GEM_P.value,
     )
+    extractor = extraction.build(_LAYER.value, settings, normalize=_NORMALIZE.value)
     try:
       export_onnx(
         extractor,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from engine import cli
+from engine.app import extraction
 
 _IMAGES = flags.DEFINE_string("images", None, "Image file or folder (searched recursively).")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for features.npy, paths.txt, errors.txt.")
@@ -27,8 +28,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
-    extractor = cli.make_extractor(descriptor=_LAYER.value, normalize=_NORMALIZE.value)
-    cli.extract_to_folder(extractor, _IMAGES.value, _OUTPUT.value)
+    extractor = extraction.build(_LAYER.value, cli.settings(), normalize=_NORMALIZE.value)
+    out = extraction.extract_to_folder(extractor, _IMAGES.value, _OUTPUT.value)
+  label = " (RANDOM weights, not ImageNet)" if extractor.weights_info.is_random else ""
+  print(
+    f"wrote {out.count} x {out.dim} {extractor.descriptor.name} features to {_OUTPUT.value}"
+    f"{label}; {len(out.skipped)} files skipped (see errors.txt)"
+  )
 
 
 if __name__ == "__main__":

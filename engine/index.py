@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 
 from engine import cli, store
-from engine.app import indexing
+from engine.app import extraction, indexing
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images (recursive) or one image file.")
 _INDEX = flags.DEFINE_string("index", None, "Index folder (created on first use).")
@@ -42,7 +42,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
-    extractor = cli.extractor_for_index(_INDEX.value, _DESCRIPTOR.value)
+    extractor = extraction.for_index(
+      _INDEX.value,
+      cli.settings(),
+      descriptor=_DESCRIPTOR.value,
+      explicit=cli.explicit_settings(),
+    )
     result = indexing.index_folder(
       _IMAGES.value,
       _INDEX.value,
