@@ -14,7 +14,7 @@ from absl import flags
 from engine.app import extraction
 from engine.common import fileio
 from engine.common.errors import UserError
-from engine.features import backends, checkpoint, images
+from engine.features import backends
 from engine.features.descriptors import DESCRIPTORS
 from engine.features.extractor import PRECISIONS
 from engine.features.preprocess import RESIZE_POLICIES
@@ -87,20 +87,17 @@ def explicit_settings() -> set[str]:
 
 @contextlib.contextmanager
 def user_errors():
-  """Turns expected failures into a one-line message and exit code 1 (no traceback)."""
-  from engine import store
+  """Turns the errors a user can act on into one line on stderr and exit code 1.
 
+  Those are `UserError` (bad input, files, settings, indexes, weights) and `OSError` (missing files,
+  permissions, a full disk). Anything else is a bug and keeps its traceback.
+  """
   try:
     yield
-  except (
-    UserError,
-    checkpoint.WeightsError,
-    images.ImageError,
-    store.StoreError,
-    FileNotFoundError,
-    PermissionError,
-    ValueError,
-  ) as e:
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except (FileNotFoundError, PermissionError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   except OSError as e:

@@ -174,6 +174,43 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, photos):
   assert "images" in p.stderr
 
 
+_PLANTED = """
+import sys
+from absl import app
+from engine import extract
+from engine.app import extraction
+from engine.common import errors
+
+def build(*args, **kwargs):
+  raise {error}("{message}")
+
+extraction.build = build
+sys.argv = ["engine.extract", *sys.argv[1:]]
+app.run(extract.main)
+"""
+
+
+@pytest.mark.parametrize("error", ["errors.UserError", "errors.SettingsError", "ValueError"])
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, error):
+  """Only a UserError is the user's to fix; a ValueError from inside the library is a bug."""
+  message = f"planted {error}"
+  proc = subprocess.run(
+    [sys.executable, "-c", _PLANTED.format(error=error, message=message)]
+    + [f"--images={tmp_path}", f"--output={tmp_path / 'out'}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": ROOT, "VGG_RETRIEVAL_CACHE": CACHE},
+    timeout=300,
+  )
+  assert message in proc.stderr, proc.stderr
+  if error == "ValueError":
+    assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr
+  else:
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [f"error: {message}"]
+
+
 def test_extract_writes_features_and_paths(tmp_path, photos):
   out = tmp_path / "feats"
   run("engine.extract", f"--images={photos}", f"--output={out}", "--layer=fc2", *TINY)

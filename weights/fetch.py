@@ -21,6 +21,7 @@ import urllib.request
 
 from absl import app
 
+from engine.common.errors import UserError
 from engine.common.fileio import atomic_write, cache_root, file_digests
 from engine.features import checkpoint
 from weights import convert as convert_lib
@@ -30,7 +31,7 @@ CONNECT_TIMEOUT_S = 10.0
 _CHUNK = 1 << 20
 
 
-class FetchError(Exception):
+class FetchError(UserError):
   """A download that failed or did not verify; str() is one line a person can act on."""
 
 
@@ -134,7 +135,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     path = fetch(_SOURCE.value, _CACHE_DIR.value)
-  except (FetchError, convert_lib.ConvertError, checkpoint.WeightsError) as e:
+  except UserError as e:
     sys.exit(f"error: {' '.join(str(e).split())}")
   print(path)
 

@@ -4,17 +4,18 @@ extraction of a folder into feature files (the work of `engine.extract`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 import numpy as np
 from absl import logging
 
 from engine import store
 from engine.app import walk
-from engine.common.errors import UserError
+from engine.common.errors import SettingsError, UserError
 from engine.common.fileio import atomic_write, atomic_write_text, cache_root
 from engine.features import checkpoint
 from engine.features.descriptors import Descriptor
@@ -79,21 +80,40 @@ def resolve_weights(spec: str) -> str:
   return "random"
 
 
+@contextlib.contextmanager
+def _refused_settings() -> Iterator[None]:
+  # The extractor checks its arguments with ValueError; built from a user's settings, a refusal is
+  # the user's to fix (say --image_size=100), so it reads as one line, not a traceback.
+  try:
+    yield
+  except UserError:
+    raise
+  except ValueError as e:
+    raise SettingsError(str(e)) from e
+
+
 def build(
   descriptor: str, settings: Settings, *, normalize: bool = True, whitening=None
 ) -> Extractor:
-  """A new extractor of `descriptor` from the user's settings."""
-  return Extractor(
-    resolve_weights(settings.weights),
-    Descriptor(descriptor, p=settings.gem_p, normalize=normalize),
-    resize=settings.resize,
-    image_size=settings.image_size,
-    batch_size=settings.batch_size,
-    precision=settings.precision,
-    config=settings.config,
-    whitening=whitening,
-    workers=settings.workers,
-  )
+  """A new extractor of `descriptor` from the user's settings.
+
+  Raises:
+    SettingsError: settings the extractor refuses (e.g. an image size that is not a multiple of 32).
+    WeightsError: weights that do not exist or do not load.
+  """
+  weights = resolve_weights(settings.weights)
+  with _refused_settings():
+    return Extractor(
+      weights,
+      Descriptor(descriptor, p=settings.gem_p, normalize=normalize),
+      resize=settings.resize,
+      image_size=settings.image_size,
+      batch_size=settings.batch_size,
+      precision=settings.precision,
+      config=settings.config,
+      whitening=whitening,
+      workers=settings.workers,
+    )
 
 
 def for_index(
@@ -116,6 +136,7 @@ def for_index(
   Raises:
     UserError: no index at `index_path` and no `descriptor`.
     IncompatibleExtractorError: explicit settings that disagree with the index's.
+    SettingsError: settings or recorded metadata the extractor refuses.
   """
   if not store.exists(index_path):
     if descriptor is None:
@@ -129,13 +150,14 @@ def for_index(
     check_compatible(meta, ex)
     return ex
   weights = resolve_weights(settings.weights) if "weights" in explicit else None
-  return Extractor.from_index_metadata(
-    meta,
-    weights,
-    batch_size=settings.batch_size,
-    workers=settings.workers,
-    backend=settings.backend,
-  )
+  with _refused_settings():
+    return Extractor.from_index_metadata(
+      meta,
+      weights,
+      batch_size=settings.batch_size,
+      workers=settings.workers,
+      backend=settings.backend,
+    )
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from engine.common.errors import UserError
 from engine.common.fileio import atomic_write_json, current_umask, fsync_dir
 from engine.features import model as model_lib
 from engine.features.preprocess import CONVENTIONS
@@ -35,7 +36,7 @@ PARAMS_DIR = "params"
 RANDOM_CONVENTION = "torch"
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
   """Missing, unreadable or inconsistent weights."""
 
 

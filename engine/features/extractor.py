@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from engine.common.errors import UserError
 from engine.features import backends, checkpoint, descriptors, images
 from engine.features.descriptors import Descriptor, Whitening
 from engine.features.preprocess import Preprocessing, normalize
@@ -272,7 +273,7 @@ class Extractor:
     return self.extract_arrays(inputs)
 
 
-class IncompatibleExtractorError(ValueError):
+class IncompatibleExtractorError(UserError, ValueError):
   """Features from this extractor cannot be compared with the index's."""
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from engine.common.errors import UserError
 from engine.features.preprocess import Preprocessing
 
 # Larger images are refused (decompression-bomb guard); 20000 x 20000 = 400M is over it.
@@ -28,7 +29,7 @@ _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
 
 
-class ImageError(Exception):
+class ImageError(UserError):
   """A file that could not be turned into pixels; str() is the reason."""
 
 

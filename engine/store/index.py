@@ -65,7 +65,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from engine.common import fileio
+from engine.common import errors, fileio
 from engine.kernels import topk as topk_lib
 
 FORMAT = "vgg-retrieval-index"
@@ -133,7 +133,7 @@ def _keys_digest(keys: Iterable[str]) -> str:
   return h.hexdigest()
 
 
-class StoreError(Exception):
+class StoreError(errors.UserError):
   """Base class of every error the index raises about its files or usage."""
 
 
