@@ -1,6 +1,7 @@
-"""Flags and helpers shared by the binaries (`engine.extract`, `engine.index`, `engine.query`, ...).
+"""Flags and the error handler shared by the binaries (`engine.extract`, `engine.index`, ...).
 
-Only binaries import this module: library modules never read flags.
+Only binaries import this module: library modules never read flags. A binary that defines flags
+here calls `flags.adopt_module_key_flags(cli)` so that its `--help` lists them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import contextlib
 import dataclasses
 import sys
 
-from absl import flags
+from absl import app, flags, logging
 
 from engine.app import extraction
 from engine.common import fileio
@@ -20,6 +21,28 @@ from engine.features.extractor import PRECISIONS
 from engine.features.preprocess import RESIZE_POLICIES
 
 DESCRIPTOR_NAMES = list(DESCRIPTORS)
+
+
+def define_descriptor_flags(default: str, help: str) -> None:
+  """--descriptor, and --layer: its deprecated spelling (one release), read by `descriptor()`."""
+  flags.DEFINE_enum("descriptor", default, DESCRIPTOR_NAMES, help)
+  flags.DEFINE_enum(
+    "layer",
+    None,
+    DESCRIPTOR_NAMES,
+    "Deprecated: use --descriptor (--layer goes in the next release).",
+  )
+
+
+def descriptor() -> str:
+  """The --descriptor value, or the deprecated --layer's with a warning."""
+  f = flags.FLAGS
+  if f.layer is None:
+    return f.descriptor
+  if f["descriptor"].present and f.descriptor != f.layer:
+    raise app.UsageError(f"--layer={f.layer} and --descriptor={f.descriptor} disagree")
+  logging.warning("--layer is deprecated and goes in the next release: use --descriptor")
+  return f.layer
 
 
 def define_extractor_flags() -> None:
@@ -82,7 +105,10 @@ def explicit_settings() -> set[str]:
     "descriptor",
     *(field.name for field in dataclasses.fields(extraction.Settings)),
   ]
-  return {n for n in names if n in f and not f[n].using_default_value}
+  given = {n for n in names if n in f and not f[n].using_default_value}
+  if "layer" in f and f.layer is not None:
+    given.add("descriptor")
+  return given
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 r"""Exports the extraction model (weights, descriptor pooling, normalisation) to ONNX.
 
-python -m engine.export --weights=DIR|random --layer=fc2 --output=model.onnx
+python -m engine.export --weights=DIR|random --descriptor=fc2 --output=model.onnx
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ _WEIGHTS = flags.DEFINE_string(
   "weights", "auto", "Converted weights folder, 'random[:SEED]' (NOT ImageNet) or 'auto'."
 )
 _CONFIG = flags.DEFINE_enum("config", "vgg16", ["vgg16", "tiny"], "Model preset for random.")
-_LAYER = flags.DEFINE_enum(
-  "layer", "fc2", cli.DESCRIPTOR_NAMES, "Descriptor: a network layer or a pooling of conv5_3."
-)
 _GEM_P = flags.DEFINE_float("gem_p", 3.0, "GeM exponent.")
 _NORMALIZE = flags.DEFINE_bool("normalize", True, "L2-normalise each descriptor.")
 _FORMAT = flags.DEFINE_enum("format", "onnx", list(FORMATS), "Output format.")
@@ -30,6 +27,8 @@ _IMAGE_SIZE = flags.DEFINE_integer(
 )
 _HEIGHT = flags.DEFINE_integer("height", None, "Input height (pooled descriptors only).")
 _WIDTH = flags.DEFINE_integer("width", None, "Input width (pooled descriptors only).")
+cli.define_descriptor_flags("fc2", "Descriptor: a network layer or a pooling of conv5_3.")
+flags.adopt_module_key_flags(cli)
 flags.mark_flag_as_required("output")
 
 
@@ -43,7 +42,7 @@ def main(argv):
       image_size=_IMAGE_SIZE.value,
       gem_p=_GEM_P.value,
     )
-    extractor = extraction.build(_LAYER.value, settings, normalize=_NORMALIZE.value)
+    extractor = extraction.build(cli.descriptor(), settings, normalize=_NORMALIZE.value)
     try:
       export_onnx(
         extractor,

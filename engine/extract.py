@@ -1,6 +1,6 @@
 r"""Extracts descriptors of images into `features.npy` and `paths.txt`.
 
-  python -m engine.extract --images=DIR_OR_FILE --weights=DIR|random --layer=fc2 --output=DIR
+  python -m engine.extract --images=DIR_OR_FILE --weights=DIR|random --descriptor=fc2 --output=DIR
 
 Writes `DIR/features.npy` (float32 `[N, D]`, L2-normalised unless --normalize=false) and
 `DIR/paths.txt` (one path per line, same order). Files that cannot be decoded are listed in
@@ -16,11 +16,10 @@ from engine.app import extraction
 
 _IMAGES = flags.DEFINE_string("images", None, "Image file or folder (searched recursively).")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for features.npy, paths.txt, errors.txt.")
-_LAYER = flags.DEFINE_enum(
-  "layer", "fc2", cli.DESCRIPTOR_NAMES, "Descriptor: a network layer or a pooling of conv5_3."
-)
 _NORMALIZE = flags.DEFINE_bool("normalize", True, "L2-normalise each descriptor.")
+cli.define_descriptor_flags("fc2", "Descriptor: a network layer or a pooling of conv5_3.")
 cli.define_extractor_flags()
+flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["images", "output"])
 
 
@@ -28,7 +27,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
-    extractor = extraction.build(_LAYER.value, cli.settings(), normalize=_NORMALIZE.value)
+    extractor = extraction.build(cli.descriptor(), cli.settings(), normalize=_NORMALIZE.value)
     out = extraction.extract_to_folder(extractor, _IMAGES.value, _OUTPUT.value)
   label = " (RANDOM weights, not ImageNet)" if extractor.weights_info.is_random else ""
   print(

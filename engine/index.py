@@ -21,9 +21,6 @@ from engine.app import extraction, indexing
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images (recursive) or one image file.")
 _INDEX = flags.DEFINE_string("index", None, "Index folder (created on first use).")
-_DESCRIPTOR = flags.DEFINE_enum(
-  "descriptor", "gem", cli.DESCRIPTOR_NAMES, "Descriptor for a new index."
-)
 _DTYPE = flags.DEFINE_enum("dtype", "int8", list(store.DTYPES), "Storage dtype for a new index.")
 _PRUNE = flags.DEFINE_bool("prune", False, "Remove indexed files under --images that vanished.")
 _COMMIT_EVERY = flags.DEFINE_integer(
@@ -32,7 +29,9 @@ _COMMIT_EVERY = flags.DEFINE_integer(
 _REPORT = flags.DEFINE_string(
   "report", None, "Failures file (path<TAB>reason); default INDEX/last_run_failures.tsv."
 )
+cli.define_descriptor_flags("gem", "Descriptor for a new index.")
 cli.define_extractor_flags()
+flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["images", "index"])
 
 
@@ -45,7 +44,7 @@ def main(argv):
     extractor = extraction.for_index(
       _INDEX.value,
       cli.settings(),
-      descriptor=_DESCRIPTOR.value,
+      descriptor=cli.descriptor(),
       explicit=cli.explicit_settings(),
     )
     result = indexing.index_folder(

@@ -25,6 +25,7 @@ _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format o
 _HTML = flags.DEFINE_string("html", None, "Also write a self-contained HTML results page here.")
 _MIN_SCORE = flags.DEFINE_float("min_score", None, "Drop matches scoring below this.")
 cli.define_extractor_flags()
+flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["index", "query"])
 
 
