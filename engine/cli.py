@@ -100,11 +100,7 @@ def settings() -> extraction.Settings:
 def explicit_settings() -> set[str]:
   """Names of the extractor settings given on the command line (not left at their defaults)."""
   f = flags.FLAGS
-  names = [
-    "weights",
-    "descriptor",
-    *(field.name for field in dataclasses.fields(extraction.Settings)),
-  ]
+  names = ["descriptor", *(field.name for field in dataclasses.fields(extraction.Settings))]
   given = {n for n in names if n in f and not f[n].using_default_value}
   if "layer" in f and f.layer is not None:
     given.add("descriptor")
