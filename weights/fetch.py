@@ -3,9 +3,8 @@
     python -m weights.fetch --source=keras_h5|torchvision|timm [--cache_dir=DIR]
 
 prints the converted weights folder (`CACHE/{source}-vgg16`, CACHE being the engine's cache:
-`$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`, where `--weights=auto` looks for
-converted weights); if it is already there, nothing is
-downloaded. The download streams to a temporary file beside its final name and is renamed into place
+`$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`, where `--weights=auto` looks); if it is
+already there, nothing is downloaded. The download streams to a temporary file beside its final name and is renamed into place
 only once its size and checksums match. Offline, the first connection attempt fails within
 `timeout` seconds with a message that names the URL and the `weights.convert` command for a file
 obtained some other way.
