@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import functools
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,13 +36,10 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from engine.common.fileio import atomic_write_json
-from engine.features.model import PRESETS
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from bench import metrics
 from engine.app import sample
+from engine.common.fileio import atomic_write_json
+from engine.features.model import PRESETS
 
 SHARED = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

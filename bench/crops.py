@@ -5,7 +5,7 @@ downloaded: every crop is a different image, and crops of one photo overlap, so 
 form the tight, uneven clusters of a real collection (near-duplicates, bursts, re-framings).
 
   python -m bench.crops --photos=../shared/data/imagededup-tests --n=3000 --output=/tmp/crops
-  python -m engine.extract --images=/tmp/crops --layer=gem --weights=random --output=/tmp/feats
+  python -m engine.extract --images=/tmp/crops --descriptor=gem --weights=random --output=/tmp/feats
   python -m bench.search --features=/tmp/feats/features.npy --q=100
 """
 

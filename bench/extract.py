@@ -1,6 +1,6 @@
 r"""VGG-16 to fc2 at 224x224: this project's jitted Flax model against PyTorch and ONNX Runtime.
 
-  python bench/extract.py [--batch_sizes=8,32] [--runs=5] [--output=results/extract.json]
+  python -m bench.extract [--batch_sizes=8,32] [--runs=5] [--output=results/extract.json]
 
 Every figure is the median of --runs timed batches after a warm-up; compilation (or export) time is
 reported separately. Peers run in the same process on the same weights-shaped network. The floor is
@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.features.model import PRESETS
 

@@ -1,6 +1,6 @@
 r"""The CPU fast path: this project's model through OpenVINO against the best CPU peers.
 
-  python bench/extract_cpu.py [--batch_sizes=8,32] [--runs=7] [--output=results/extract_cpu.json]
+  python -m bench.extract_cpu [--batch_sizes=8,32] [--runs=7] [--output=results/extract_cpu.json]
 
 VGG-16 to fc2 at 224x224, images/s. Rows:
 - this project, OpenVINO fp32 / bf16: the Flax model exported by `engine.features.onnx_export`
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -30,8 +29,6 @@ from absl import app, flags
 
 from bench.peers import torch_vgg16_to_fc2
 from engine.common.fileio import atomic_write_json
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8"], "Batch sizes to measure.")
 _RUNS = flags.DEFINE_integer("runs", 7, "Timed rounds (median reported).", lower_bound=1)

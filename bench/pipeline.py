@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -33,8 +32,6 @@ from absl import app, flags
 
 from engine.common.fileio import atomic_write_json
 from engine.features.model import PRESETS
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_folder(folder: str, n: int, width: int, height: int, seed: int = 0) -> list[str]:

@@ -20,16 +20,12 @@ and extension. Prints a table last; `--output` writes JSON with the per-query AP
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 
-from engine.common.fileio import atomic_write_json
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from bench import metrics
+from engine.common.fileio import atomic_write_json
 
 
 def _find_images(folder: str) -> dict[str, str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -31,8 +30,6 @@ from absl import app, flags
 
 from engine.common.fileio import atomic_write_json
 from engine.kernels import native
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 BLOCK = 131072

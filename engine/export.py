@@ -1,6 +1,6 @@
 r"""Exports the extraction model (weights, descriptor pooling, normalisation) to ONNX.
 
-python -m engine.export --weights=DIR|random --layer=fc2 --output=model.onnx
+python -m engine.export --weights=DIR|random --descriptor=fc2 --output=model.onnx
 """
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from engine import cli
-from engine.features.descriptors import Descriptor
-from engine.features.extractor import Extractor
+from engine.app import extraction
 from engine.features.model import PRESETS
 from engine.features.onnx_export import FORMATS, export_onnx
 
@@ -17,9 +16,6 @@ _WEIGHTS = flags.DEFINE_string(
   "weights", "auto", "Converted weights folder, 'random[:SEED]' (NOT ImageNet) or 'auto'."
 )
 _CONFIG = flags.DEFINE_enum("config", "vgg16", list(PRESETS), "Model preset for random.")
-_LAYER = flags.DEFINE_enum(
-  "layer", "fc2", cli.DESCRIPTOR_NAMES, "Descriptor: a network layer or a pooling of conv5_3."
-)
 _GEM_P = flags.DEFINE_float("gem_p", 3.0, "GeM exponent.")
 _NORMALIZE = flags.DEFINE_bool("normalize", True, "L2-normalise each descriptor.")
 _FORMAT = flags.DEFINE_enum("format", "onnx", list(FORMATS), "Output format.")
@@ -32,6 +28,8 @@ _IMAGE_SIZE = flags.DEFINE_integer(
 )
 _HEIGHT = flags.DEFINE_integer("height", None, "Input height (pooled descriptors only).")
 _WIDTH = flags.DEFINE_integer("width", None, "Input width (pooled descriptors only).")
+cli.define_descriptor_flags("fc2", "Descriptor: a network layer or a pooling of conv5_3.")
+flags.adopt_module_key_flags(cli)
 flags.mark_flag_as_required("output")
 
 
@@ -39,12 +37,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
-    extractor = Extractor(
-      cli.resolve_weights(_WEIGHTS.value),
-      Descriptor(_LAYER.value, p=_GEM_P.value, normalize=_NORMALIZE.value),
-      image_size=_IMAGE_SIZE.value,
+    settings = extraction.Settings(
+      weights=_WEIGHTS.value,
       config=_CONFIG.value,
+      image_size=_IMAGE_SIZE.value,
+      gem_p=_GEM_P.value,
     )
+    extractor = extraction.build(cli.descriptor(), settings, normalize=_NORMALIZE.value)
     try:
       export_onnx(
         extractor,

@@ -1,6 +1,6 @@
 r"""Extracts descriptors of images into `features.npy` and `paths.txt`.
 
-  python -m engine.extract --images=DIR_OR_FILE --weights=DIR|random --layer=fc2 --output=DIR
+  python -m engine.extract --images=DIR_OR_FILE --weights=DIR|random --descriptor=fc2 --output=DIR
 
 Writes `DIR/features.npy` (float32 `[N, D]`, L2-normalised unless --normalize=false) and
 `DIR/paths.txt` (one path per line, same order). Files that cannot be decoded are listed in
@@ -12,14 +12,14 @@ from __future__ import annotations
 from absl import app, flags
 
 from engine import cli
+from engine.app import extraction
 
 _IMAGES = flags.DEFINE_string("images", None, "Image file or folder (searched recursively).")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for features.npy, paths.txt, errors.txt.")
-_LAYER = flags.DEFINE_enum(
-  "layer", "fc2", cli.DESCRIPTOR_NAMES, "Descriptor: a network layer or a pooling of conv5_3."
-)
 _NORMALIZE = flags.DEFINE_bool("normalize", True, "L2-normalise each descriptor.")
+cli.define_descriptor_flags("fc2", "Descriptor: a network layer or a pooling of conv5_3.")
 cli.define_extractor_flags()
+flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["images", "output"])
 
 
@@ -27,8 +27,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
-    extractor = cli.make_extractor(descriptor=_LAYER.value, normalize=_NORMALIZE.value)
-    cli.extract_to_folder(extractor, _IMAGES.value, _OUTPUT.value)
+    extractor = extraction.build(cli.descriptor(), cli.settings(), normalize=_NORMALIZE.value)
+    out = extraction.extract_to_folder(extractor, _IMAGES.value, _OUTPUT.value)
+  label = " (RANDOM weights, not ImageNet)" if extractor.weights_info.is_random else ""
+  print(
+    f"wrote {out.count} x {out.dim} {extractor.descriptor.name} features to {_OUTPUT.value}"
+    f"{label}; {len(out.skipped)} files skipped (see errors.txt)"
+  )
 
 
 if __name__ == "__main__":

@@ -17,14 +17,16 @@ import sys
 from absl import app, flags
 
 from engine import cli, store
-from engine.app import indexing
+from engine.app import extraction, indexing
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images (recursive) or one image file.")
 _INDEX = flags.DEFINE_string("index", None, "Index folder (created on first use).")
-_DESCRIPTOR = flags.DEFINE_enum(
-  "descriptor", "gem", cli.DESCRIPTOR_NAMES, "Descriptor for a new index."
+_DTYPE = flags.DEFINE_enum(
+  "dtype",
+  "int8",
+  list(store.DTYPES),
+  "Storage dtype of a new index (an existing one keeps its own).",
 )
-_DTYPE = flags.DEFINE_enum("dtype", "int8", list(store.DTYPES), "Storage dtype for a new index.")
 _PRUNE = flags.DEFINE_bool("prune", False, "Remove indexed files under --images that vanished.")
 _COMMIT_EVERY = flags.DEFINE_integer(
   "commit_every", 256, "Images per commit: the most work an interruption loses.", lower_bound=1
@@ -32,7 +34,9 @@ _COMMIT_EVERY = flags.DEFINE_integer(
 _REPORT = flags.DEFINE_string(
   "report", None, "Failures file (path<TAB>reason); default INDEX/last_run_failures.tsv."
 )
+cli.define_descriptor_flags("gem", "Descriptor for a new index.")
 cli.define_extractor_flags()
+flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["images", "index"])
 
 
@@ -42,12 +46,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
-    extractor = cli.extractor_for_index(_INDEX.value, _DESCRIPTOR.value)
+    extractor = extraction.for_index(
+      _INDEX.value,
+      cli.settings(),
+      descriptor=cli.descriptor(),
+      explicit=cli.explicit_settings(),
+    )
     result = indexing.index_folder(
       _IMAGES.value,
       _INDEX.value,
       extractor,
-      dtype=_DTYPE.value,
+      dtype=None if flags.FLAGS["dtype"].using_default_value else _DTYPE.value,
       prune=_PRUNE.value,
       commit_every=_COMMIT_EVERY.value,
       report_path=_REPORT.value,

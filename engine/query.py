@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 from engine import cli
-from engine.app import report, retrieval
+from engine.app import extraction, report, retrieval
 
 _INDEX = flags.DEFINE_string("index", None, "Index folder built by engine.index.")
 _QUERY = flags.DEFINE_string("query", None, "Query image, or a folder of query images.")
@@ -25,6 +25,7 @@ _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format o
 _HTML = flags.DEFINE_string("html", None, "Also write a self-contained HTML results page here.")
 _MIN_SCORE = flags.DEFINE_float("min_score", None, "Drop matches scoring below this.")
 cli.define_extractor_flags()
+flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["index", "query"])
 
 
@@ -36,7 +37,7 @@ def main(argv):
   with cli.user_errors():
     if _K.value <= 0:
       raise cli.UserError(f"--k must be positive, got {_K.value}")
-    extractor = cli.extractor_for_index(_INDEX.value)
+    extractor = extraction.for_index(_INDEX.value, cli.settings(), explicit=cli.explicit_settings())
     results = retrieval.query_index(
       _INDEX.value, _QUERY.value, extractor, k=_K.value, min_score=_MIN_SCORE.value
     )

@@ -256,7 +256,7 @@ def test_bad_flags_and_files_fail_in_one_line(tmp_path, tiny):
     (["engine.query", f"--index={make('dim8', dim8, dim=8)}", f"--query={query}"], "dim"),
     (
       ["engine.query", f"--index={good}", f"--query={query}", "--config=tiny", "--image_size=96"],
-      "",  # cli.extractor_for_index passes descriptor None for engine.query (see the report)
+      "",  # extraction.for_index gets descriptor None for engine.query (see the report)
     ),
     (["engine.query", f"--index={make('other', other)}", f"--query={query}"], ""),
     (["engine.query", f"--index={good}", f"--query={query}", "--k=-3"], "k"),

@@ -174,9 +174,89 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, photos):
   assert "images" in p.stderr
 
 
+@pytest.mark.parametrize(
+  "module, listed",
+  [
+    ("engine.index", ["--images", "--descriptor", "--weights", "--batch_size", "--backend"]),
+    ("engine.query", ["--query", "--weights", "--batch_size", "--backend", "--precision"]),
+    ("engine.extract", ["--output", "--descriptor", "--weights", "--batch_size", "--config"]),
+    ("engine.export", ["--output", "--descriptor", "--weights", "--batch_size"]),
+    ("engine.dedup", ["--index", "--threshold", "--k"]),  # reads an index: no extractor flags
+  ],
+)
+def test_help_lists_the_flags_a_user_needs(module, listed):
+  out = run(module, "--help", ok=False).stdout  # absl's --help exits 1
+  for flag in listed:
+    assert f"{flag}:" in out or f"{flag}=" in out, (module, flag, out)
+  assert "--[no]normalize" in out or module not in ("engine.extract", "engine.export")
+
+
+def test_layer_is_a_deprecated_spelling_of_descriptor(tmp_path):
+  """--layer still works for one release, with a warning; given with --descriptor, they must agree."""
+  child = (
+    "import sys\n"
+    "from absl import app, flags\n"
+    "from engine import cli\n"
+    "cli.define_descriptor_flags('fc2', 'Descriptor.')\n"
+    "cli.define_extractor_flags()\n"
+    "app.run(lambda argv: print(cli.descriptor(), sorted(cli.explicit_settings())))\n"
+  )
+
+  def descriptor(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-c", child, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+  plain, old, both = (
+    descriptor(),
+    descriptor("--layer=mac"),
+    descriptor("--layer=mac", "--descriptor=gem"),
+  )
+  assert plain.stdout.split("[")[0].split() == ["fc2"] and "deprecated" not in plain.stderr
+  assert old.stdout.startswith("mac ['descriptor']") and "--layer is deprecated" in old.stderr
+  assert both.returncode != 0 and "disagree" in both.stderr and "Traceback" not in both.stderr
+
+
+_PLANTED = """
+import sys
+from absl import app
+from engine import extract
+from engine.app import extraction
+from engine.common import errors
+
+def build(*args, **kwargs):
+  raise {error}("{message}")
+
+extraction.build = build
+sys.argv = ["engine.extract", *sys.argv[1:]]
+app.run(extract.main)
+"""
+
+
+@pytest.mark.parametrize("error", ["errors.UserError", "errors.SettingsError", "ValueError"])
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, error):
+  """Only a UserError is the user's to fix; a ValueError from inside the library is a bug."""
+  message = f"planted {error}"
+  proc = subprocess.run(
+    [sys.executable, "-c", _PLANTED.format(error=error, message=message)]
+    + [f"--images={tmp_path}", f"--output={tmp_path / 'out'}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": ROOT, "VGG_RETRIEVAL_CACHE": CACHE},
+    timeout=300,
+  )
+  assert message in proc.stderr, proc.stderr
+  if error == "ValueError":
+    assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr
+  else:
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [f"error: {message}"]
+
+
 def test_extract_writes_features_and_paths(tmp_path, photos):
   out = tmp_path / "feats"
-  run("engine.extract", f"--images={photos}", f"--output={out}", "--layer=fc2", *TINY)
+  run("engine.extract", f"--images={photos}", f"--output={out}", "--descriptor=fc2", *TINY)
   feats = np.load(out / "features.npy")
   paths = (out / "paths.txt").read_text().splitlines()
   assert feats.shape == (7, 32) and len(paths) == 7 and feats.dtype == np.float32

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from engine.app import extraction
 from engine.features import checkpoint
 from engine.features import model as model_lib
 from weights import convert, fetch, sources
@@ -117,6 +118,30 @@ def test_download_verify_convert_then_cached(monkeypatch, tmp_path, server, caps
   assert len(requested) == 1
   assert fetch.fetch("timm", tmp_path / "cache") == path
   assert len(requested) == 1  # already converted: nothing downloaded
+
+
+def test_fetch_writes_to_the_engine_cache_where_auto_weights_are_found(
+  monkeypatch, tmp_path, server
+):
+  root, base, _ = server
+  data = _tiny_timm_file(root / "model.safetensors")
+  url = f"{base}/model.safetensors"
+  _use(
+    monkeypatch,
+    dataclasses.replace(
+      sources.TIMM, url=url, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+    ),
+  )
+  cache = tmp_path / "engine-cache"
+  monkeypatch.setenv("VGG_RETRIEVAL_CACHE", str(cache))
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default cache must not be used
+  path = fetch.fetch("timm")
+  assert path == str(cache / "timm-vgg16")
+  assert not (tmp_path / "home").exists()
+  assert extraction.find_cached_weights() == path
+  assert extraction.resolve_weights("auto") == path
+  ex = extraction.build("gem", extraction.Settings(image_size=64, batch_size=2))
+  assert ex.weights_info.source == "timm" and ex.weights_spec == path
 
 
 def test_sources_are_consistent():

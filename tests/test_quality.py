@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from bench import metrics
 
@@ -333,3 +332,22 @@ def test_bench_modules_import_side_by_side():
   f = scaling.floors(1_000_000, 512, 100, "int8", 30.0, {"int8": 1200.0})
   assert f["memory_s"] == pytest.approx(516e6 / 30e9)
   assert f["compute_s"] == pytest.approx(102.4 / 1200)
+
+
+def test_bench_is_a_package_run_without_path_edits():
+  """`python -m bench.NAME` from the repository root finds engine and bench as they are."""
+  folder = os.path.join(REPO, "bench")
+  assert os.path.isfile(os.path.join(folder, "__init__.py"))
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".py"):
+      with open(os.path.join(folder, name), encoding="utf-8") as f:
+        assert "sys.path" not in f.read(), name
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  r = subprocess.run(
+    [sys.executable, "-m", "bench.search", "--help"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=env,
+  )
+  assert "--n" in r.stdout and "Traceback" not in r.stderr, r.stderr

@@ -28,6 +28,7 @@ import numpy as np
 from absl import app
 from flax import nnx
 
+from engine.common.errors import UserError
 from engine.common.fileio import sha256_file
 from engine.features import checkpoint
 from engine.features import model as model_lib
@@ -37,7 +38,7 @@ Shape = tuple[int, ...]
 Target = tuple[str, str]  # (module name, "kernel" | "bias") in the model's nnx.Param state
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
   """A file that cannot be converted; str() is one line a person can act on."""
 
 
@@ -161,7 +162,7 @@ TABLES: dict[str, Callable[[model_lib.ModelConfig], Table]] = {
   "timm": timm_table,
 }
 
-PRESETS = ("vgg16", "tiny")
+PRESETS = tuple(model_lib.PRESETS)
 
 
 # --- Readers: file -> {key: array}. ---------------------------------------------------------------
@@ -468,7 +469,7 @@ def main(argv):
       config=_CONFIG.value,
       overwrite=_OVERWRITE.value,
     )
-  except (ConvertError, checkpoint.WeightsError) as e:
+  except UserError as e:
     sys.exit(f"error: {' '.join(str(e).split())}")
   print(
     f"wrote {os.path.abspath(_OUTPUT.value)} ({info.config}, source {info.source}, "

@@ -1,9 +1,10 @@
 """Downloads a published VGG-16 file, checks it against `weights.sources`, converts it into a cache.
 
-    python -m weights.fetch --source=keras_h5|torchvision|timm [--cache_dir=~/.cache/vgg-retrieval]
+    python -m weights.fetch --source=keras_h5|torchvision|timm [--cache_dir=DIR]
 
-prints the converted weights folder (`CACHE/{source}-vgg16`); if it is already there, nothing is
-downloaded. The download streams to a temporary file beside its final name and is renamed into place
+prints the converted weights folder (`CACHE/{source}-vgg16`, CACHE being the engine's cache:
+`$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`, where `--weights=auto` looks); if it is
+already there, nothing is downloaded. The download streams to a temporary file beside its final name and is renamed into place
 only once its size and checksums match. Offline, the first connection attempt fails within
 `timeout` seconds with a message that names the URL and the `weights.convert` command for a file
 obtained some other way.
@@ -19,17 +20,17 @@ import urllib.request
 
 from absl import app
 
-from engine.common.fileio import atomic_write
+from engine.common.errors import UserError
+from engine.common.fileio import atomic_write, cache_root, file_digests
 from engine.features import checkpoint
 from weights import convert as convert_lib
 from weights import sources
 
-DEFAULT_CACHE_DIR = "~/.cache/vgg-retrieval"
 CONNECT_TIMEOUT_S = 10.0
 _CHUNK = 1 << 20
 
 
-class FetchError(Exception):
+class FetchError(UserError):
   """A download that failed or did not verify; str() is one line a person can act on."""
 
 
@@ -54,13 +55,8 @@ def _check(src: sources.Source, size: int, sha256: str, md5: str) -> str | None:
 
 
 def _hashes(path: str) -> tuple[int, str, str]:
-  sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
-  with open(path, "rb") as f:
-    while block := f.read(_CHUNK):
-      sha.update(block)
-      md5.update(block)
-      size += len(block)
-  return size, sha.hexdigest(), md5.hexdigest()
+  digests = file_digests(path, "sha256", "md5")
+  return os.path.getsize(path), digests["sha256"], digests["md5"]
 
 
 def _download(src: sources.Source, path: str, timeout: float) -> None:
@@ -99,7 +95,7 @@ def _download(src: sources.Source, path: str, timeout: float) -> None:
 
 def fetch(
   source: str,
-  cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+  cache_dir: str | os.PathLike | None = None,
   *,
   timeout: float = CONNECT_TIMEOUT_S,
 ) -> str:
@@ -107,7 +103,8 @@ def fetch(
 
   Args:
     source: `keras_h5`, `torchvision` or `timm`.
-    cache_dir: where downloads (`downloads/{source}/{filename}`) and converted folders live.
+    cache_dir: where downloads (`downloads/{source}/{filename}`) and converted folders live;
+      default the engine's cache (`engine.common.fileio.cache_root()`).
     timeout: seconds to wait for the connection and for each read.
 
   Raises:
@@ -118,7 +115,7 @@ def fetch(
     src = sources.get(source)
   except ValueError as e:
     raise FetchError(str(e)) from e
-  cache_dir = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+  cache_dir = os.path.abspath(os.path.expanduser(os.fspath(cache_dir or cache_root())))
   out_dir = os.path.join(cache_dir, f"{source}-vgg16")
   try:
     checkpoint.read_info(out_dir)
@@ -137,7 +134,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     path = fetch(_SOURCE.value, _CACHE_DIR.value)
-  except (FetchError, convert_lib.ConvertError, checkpoint.WeightsError) as e:
+  except UserError as e:
     sys.exit(f"error: {' '.join(str(e).split())}")
   print(path)
 
@@ -147,7 +144,10 @@ if __name__ == "__main__":
 
   _SOURCE = flags.DEFINE_enum("source", None, sorted(sources.SOURCES), "Which file to fetch.")
   _CACHE_DIR = flags.DEFINE_string(
-    "cache_dir", DEFAULT_CACHE_DIR, "Downloads and converted weights folders go here."
+    "cache_dir",
+    None,
+    "Downloads and converted weights folders go here (default: $VGG_RETRIEVAL_CACHE or "
+    "~/.cache/vgg-retrieval, where --weights=auto looks).",
   )
   flags.mark_flag_as_required("source")
   app.run(main)

@@ -9,7 +9,6 @@ continues where it stopped. Files that cannot be read are skipped with their rea
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import numpy as np
 from engine import store
 from engine.app import walk
 from engine.common.errors import UserError
-from engine.common.fileio import atomic_write
+from engine.common.fileio import atomic_write, sha256_file
 from engine.features.extractor import Extractor, check_compatible
 
 
@@ -53,17 +52,9 @@ class IndexReport:
     )
 
 
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(1 << 20):
-      h.update(block)
-  return h.hexdigest()
-
-
 def stat_of(path: str) -> store.FileStat:
   st = os.stat(path)
-  return store.FileStat(sha256=file_sha256(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+  return store.FileStat(sha256=sha256_file(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 class Progress:

@@ -14,18 +14,33 @@ import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
-UMASK = os.umask(0)
-os.umask(UMASK)
-
 CACHE_ENV = "VGG_RETRIEVAL_CACHE"
 
 
 def cache_root() -> str:
-  """The engine's per-user cache (converted weights, exported models, compiled kernels):
-  `$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`."""
+  """The one per-user cache every reader and writer uses: `$VGG_RETRIEVAL_CACHE`, default
+  `~/.cache/vgg-retrieval`. It holds fetched and converted weights (`weights.fetch`, found by
+  `--weights=auto`), exported graphs (`exported/`) and compiled kernels (`native/`)."""
   return os.environ.get(CACHE_ENV) or os.path.join(
     os.path.expanduser("~"), ".cache", "vgg-retrieval"
   )
+
+
+def current_umask() -> int:
+  """The process umask, read without changing it where the OS allows (Linux: /proc/self/status).
+
+  Elsewhere it is set and restored at once, which another thread could observe.
+  """
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -42,8 +57,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
   try:
-    os.chmod(tmp, 0o666 & ~UMASK)
     with os.fdopen(fd, "wb") as f:
+      os.fchmod(f.fileno(), 0o666 & ~current_umask())  # as open() would; mkstemp gives 0o600
       write(f)
       f.flush()
       os.fsync(f.fileno())
@@ -67,9 +82,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-  h = hashlib.sha256()
+def file_digests(path: str | os.PathLike, *algorithms: str, chunk: int = 1 << 22) -> dict[str, str]:
+  """Hex digests of a file's bytes in one pass, by hashlib name (default: sha256)."""
+  hashes = {a: hashlib.new(a, usedforsecurity=False) for a in algorithms or ("sha256",)}
   with open(path, "rb") as f:
     while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
+      for h in hashes.values():
+        h.update(block)
+  return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  """The sha256 of a file's bytes, in hex: the checksum every manifest and record uses."""
+  return file_digests(path, "sha256")["sha256"]

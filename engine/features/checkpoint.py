@@ -25,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from engine.common.fileio import UMASK, atomic_write_json, fsync_dir
+from engine.common.errors import UserError
+from engine.common.fileio import atomic_write_json, current_umask, fsync_dir
 from engine.features import model as model_lib
 from engine.features.preprocess import CONVENTIONS
 
@@ -35,7 +36,7 @@ PARAMS_DIR = "params"
 RANDOM_CONVENTION = "torch"
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
   """Missing, unreadable or inconsistent weights."""
 
 
@@ -111,7 +112,7 @@ def save(
     atomic_write_json(
       os.path.join(tmp, WEIGHTS_JSON), {"format_version": FORMAT_VERSION, **info.to_dict()}
     )
-    os.chmod(tmp, 0o777 & ~UMASK)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0o700
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)

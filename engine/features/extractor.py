@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from engine.common.errors import UserError
 from engine.features import backends, checkpoint, images
 from engine.features import model as model_lib
 from engine.features.descriptors import Descriptor, Whitening
@@ -294,7 +295,7 @@ class Extractor:
     return self.extract_arrays(inputs)
 
 
-class IncompatibleExtractorError(ValueError):
+class IncompatibleExtractorError(UserError, ValueError):
   """Features from this extractor cannot be compared with the index's."""
 
 

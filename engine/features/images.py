@@ -12,8 +12,9 @@ import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from engine.common.errors import UserError
 from engine.features.preprocess import Preprocessing
 
 # Larger images are refused (decompression-bomb guard); 20000 x 20000 = 400M is over it.
@@ -36,7 +37,7 @@ _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
 
 
-class ImageError(Exception):
+class ImageError(UserError):
   """A file that could not be turned into pixels; str() is the reason."""
 
 
@@ -197,6 +198,8 @@ def load(path: str | os.PathLike, pre: Preprocessing) -> np.ndarray:
 
   JPEGs decode at a reduced scale when the output is much smaller (draft mode); EXIF orientation
   is applied; animated images give their first frame.
+  Truncated files raise under Pillow's default `ImageFile.LOAD_TRUNCATED_IMAGES = False`, which
+  this module leaves to the application.
 
   Raises:
     ImageError: unreadable, undecodable, truncated, too large or empty.
@@ -260,7 +263,3 @@ def load_many(
         pending.append((nxt[0], pool.submit(job, nxt[1])))
       arr, err = fut.result()
       yield pos, arr, err
-
-
-# Truncated files raise instead of decoding to grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -249,7 +249,7 @@ class Index(Commits):
 
   def _acquire_lock(self) -> None:
     lock_path = os.path.join(self.path, LOCK)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~fileio.UMASK)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

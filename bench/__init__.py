@@ -1,0 +1,1 @@
+"""Benchmarks: absl binaries run from the repository root as `python -m bench.NAME`."""

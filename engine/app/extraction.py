@@ -1,0 +1,198 @@
+"""Extractors built from a user's settings: weights resolution, an index's own extractor, and the
+extraction of a folder into feature files (the work of `engine.extract`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Collection, Iterator
+
+import numpy as np
+from absl import logging
+
+from engine import store
+from engine.app import walk
+from engine.common.errors import SettingsError, UserError
+from engine.common.fileio import atomic_write, atomic_write_text, cache_root
+from engine.features import checkpoint
+from engine.features.descriptors import Descriptor
+from engine.features.extractor import Extractor, check_compatible
+
+# Settings an index records and compares: given explicitly, they must agree with the index's.
+COMPARED = ("config", "precision", "resize", "image_size", "gem_p", "descriptor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How to build an extractor, as a user gives it (the binaries' extractor flags).
+
+  Attributes:
+    weights: a converted weights folder, `random[:SEED]` or `auto` (see `resolve_weights`).
+    config: model preset for random weights (`vgg16`, `tiny`).
+    precision: compute precision (`fp32`, `bf16`).
+    resize: resize policy, or None for the descriptor's default.
+    image_size: input side, or None for the descriptor's default.
+    gem_p: GeM exponent.
+    batch_size: images per device call.
+    workers: image decoding threads, or None for the default.
+    backend: extraction backend, used when an existing index's extractor is rebuilt.
+  """
+
+  weights: str = "auto"
+  config: str = "vgg16"
+  precision: str = "fp32"
+  resize: str | None = None
+  image_size: int | None = None
+  gem_p: float = 3.0
+  batch_size: int = 16
+  workers: int | None = None
+  backend: str = "auto"
+
+
+def find_cached_weights(root: str | None = None) -> str | None:
+  """The first converted weights folder in `root` (default: the engine's cache), or None."""
+  root = root or cache_root()
+  if not os.path.isdir(root):
+    return None
+  for name in sorted(os.listdir(root)):
+    folder = os.path.join(root, name)
+    if os.path.isfile(os.path.join(folder, checkpoint.WEIGHTS_JSON)):
+      return folder
+  return None
+
+
+def resolve_weights(spec: str) -> str:
+  """Turns `auto` into a cached weights folder or `random`, saying so when it falls back."""
+  if spec != "auto":
+    return spec
+  found = find_cached_weights()
+  if found:
+    logging.info("using converted weights in %s", found)
+    return found
+  print(
+    "note: no converted ImageNet weights found (python -m weights.fetch --source=keras_h5 "
+    "downloads them); running on RANDOM weights (--weights=random), not ImageNet.",
+    file=sys.stderr,
+  )
+  return "random"
+
+
+@contextlib.contextmanager
+def _refused_settings() -> Iterator[None]:
+  # The extractor checks its arguments with ValueError; built from a user's settings, a refusal is
+  # the user's to fix (say --image_size=100), so it reads as one line, not a traceback.
+  try:
+    yield
+  except UserError:
+    raise
+  except ValueError as e:
+    raise SettingsError(str(e)) from e
+
+
+def build(
+  descriptor: str, settings: Settings, *, normalize: bool = True, whitening=None
+) -> Extractor:
+  """A new extractor of `descriptor` from the user's settings.
+
+  Raises:
+    SettingsError: settings the extractor refuses (e.g. an image size that is not a multiple of 32).
+    WeightsError: weights that do not exist or do not load.
+  """
+  weights = resolve_weights(settings.weights)
+  with _refused_settings():
+    return Extractor(
+      weights,
+      Descriptor(descriptor, p=settings.gem_p, normalize=normalize),
+      resize=settings.resize,
+      image_size=settings.image_size,
+      batch_size=settings.batch_size,
+      precision=settings.precision,
+      config=settings.config,
+      whitening=whitening,
+      workers=settings.workers,
+    )
+
+
+def for_index(
+  index_path: str,
+  settings: Settings,
+  *,
+  descriptor: str | None = None,
+  explicit: Collection[str] = (),
+) -> Extractor:
+  """The extractor an existing index was built with, or a new one of `descriptor`.
+
+  Args:
+    index_path: the index folder; without an index there, a new extractor of `descriptor`.
+    settings: the user's settings.
+    descriptor: the descriptor of a new index; None when an index must exist.
+    explicit: names of the settings the user gave (`weights`, `descriptor` or a `Settings`
+      field). Given ones of `COMPARED` must agree with what the index recorded (a clear error
+      names what differs); the others follow the index.
+
+  Raises:
+    UserError: no index at `index_path` and no `descriptor`.
+    IncompatibleExtractorError: explicit settings that disagree with the index's.
+    SettingsError: settings or recorded metadata the extractor refuses.
+  """
+  if not store.exists(index_path):
+    if descriptor is None:
+      raise UserError(f"no index at {index_path}")
+    return build(descriptor, settings)
+  with store.Index.open(index_path, readonly=True) as idx:
+    meta = idx.metadata
+  if any(name in explicit for name in COMPARED):
+    recorded = meta.get("extractor", {}).get("descriptor", {}).get("name")
+    ex = build(descriptor or recorded, settings)
+    check_compatible(meta, ex)
+    return ex
+  weights = resolve_weights(settings.weights) if "weights" in explicit else None
+  with _refused_settings():
+    return Extractor.from_index_metadata(
+      meta,
+      weights,
+      batch_size=settings.batch_size,
+      workers=settings.workers,
+      backend=settings.backend,
+    )
+
+
+@dataclasses.dataclass
+class FolderFeatures:
+  """What `extract_to_folder` wrote.
+
+  Attributes:
+    count: images described (rows of features.npy).
+    dim: descriptor length (columns of features.npy).
+    skipped: (path, reason) of every file left out.
+  """
+
+  count: int
+  dim: int
+  skipped: list[tuple[str, str]]
+
+
+def extract_to_folder(extractor: Extractor, source: str, output: str) -> FolderFeatures:
+  """Writes `features.npy` (float32 `[N, D]`), `paths.txt` (N lines, same order) and `errors.txt`
+  (path<TAB>reason) for every image under `source` into the folder `output`.
+
+  Raises:
+    UserError: no image under `source`, or none of them could be decoded.
+  """
+  paths, bad = walk.split_images(source)
+  if not paths:
+    raise UserError(f"no images found under {source}")
+  logging.info("extracting %d images with %s", len(paths), extractor.descriptor.name)
+  result = extractor.extract_paths(paths)
+  bad += [(paths[pos], reason) for pos, reason in sorted(result.errors.items())]
+  if not len(result.positions):
+    raise UserError(f"none of the {len(paths)} images under {source} could be decoded")
+  os.makedirs(output, exist_ok=True)
+  atomic_write(os.path.join(output, "features.npy"), lambda f: np.save(f, result.features))
+  kept = [paths[p] for p in result.positions]
+  atomic_write_text(os.path.join(output, "paths.txt"), "".join(f"{p}\n" for p in kept))
+  atomic_write_text(os.path.join(output, "errors.txt"), "".join(f"{p}\t{r}\n" for p, r in bad))
+  return FolderFeatures(int(result.features.shape[0]), int(result.features.shape[1]), bad)
