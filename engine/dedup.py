@@ -15,6 +15,7 @@ from absl import app, flags
 
 from engine import cli, store
 from engine.app import report, retrieval
+from engine.common import textio
 
 _INDEX = flags.DEFINE_string("index", None, "Index folder built by engine.index.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.9, "Cosine similarity that makes a duplicate.")
@@ -44,7 +45,7 @@ def main(argv):
       for i, group in enumerate(groups, 1):
         print(f"group {i} ({len(group)} images)")
         for key, score in group:
-          print(f"  {score:.4f}  {key}")
+          print(f"  {score:.4f}  {textio.escape(key)}")
       print(f"{len(groups)} groups of near-duplicates at threshold {_THRESHOLD.value}")
     if _HTML.value:
       rows = [report.Row(f"group {i} ({len(g)} images)", None, g) for i, g in enumerate(groups, 1)]

@@ -18,6 +18,7 @@ from absl import app, flags
 
 from engine import cli, store
 from engine.app import extraction, indexing
+from engine.common import textio
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images (recursive) or one image file.")
 _INDEX = flags.DEFINE_string("index", None, "Index folder (created on first use).")
@@ -62,7 +63,7 @@ def main(argv):
       report_path=_REPORT.value,
     )
     for path, reason in result.failed[:20]:
-      print(f"skipped {path}: {reason}")
+      print(f"skipped {textio.escape(path)}: {textio.escape(reason)}")
     if len(result.failed) > 20:
       print(f"... and {len(result.failed) - 20} more (see the failures file)")
     label = " [RANDOM weights, not ImageNet]" if extractor.weights_info.is_random else ""

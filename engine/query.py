@@ -17,6 +17,7 @@ from absl import app, flags
 
 from engine import cli
 from engine.app import extraction, report, retrieval
+from engine.common import textio
 
 _INDEX = flags.DEFINE_string("index", None, "Index folder built by engine.index.")
 _QUERY = flags.DEFINE_string("query", None, "Query image, or a folder of query images.")
@@ -47,7 +48,7 @@ def main(argv):
       else None
     )
     for path, reason in results.failed:
-      print(f"skipped query {path}: {reason}", file=sys.stderr)
+      print(f"skipped query {textio.escape(path)}: {textio.escape(reason)}", file=sys.stderr)
     if _FORMAT.value == "json":
       out = {
         "index": _INDEX.value,
@@ -67,9 +68,9 @@ def main(argv):
       if random_note:
         print(f"[{random_note}]")
       for q, matches in results.matches:
-        print(f"query: {q}")
+        print(f"query: {textio.escape(q)}")
         for rank, (key, score) in enumerate(matches, 1):
-          print(f"  {rank:3d}  {score:.4f}  {key}")
+          print(f"  {rank:3d}  {score:.4f}  {textio.escape(key)}")
         if not matches:
           print("  (no match above --min_score)")
     if _HTML.value:

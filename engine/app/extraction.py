@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import io
+import json
 import os
 import sys
 from collections.abc import Collection, Iterator
@@ -15,8 +18,9 @@ from absl import logging
 
 from engine import store
 from engine.app import walk
+from engine.common import textio
 from engine.common.errors import SettingsError, UserError
-from engine.common.fileio import atomic_write, atomic_write_text, cache_root
+from engine.common.fileio import atomic_write, atomic_write_json, cache_root
 from engine.features import checkpoint
 from engine.features.descriptors import Descriptor
 from engine.features.extractor import Extractor, check_compatible
@@ -175,9 +179,19 @@ class FolderFeatures:
   skipped: list[tuple[str, str]]
 
 
+EXTRACT_FILES = ("features.npy", "paths.txt", "errors.txt")
+EXTRACT_MANIFEST = "extract.json"
+
+
 def extract_to_folder(extractor: Extractor, source: str, output: str) -> FolderFeatures:
-  """Writes `features.npy` (float32 `[N, D]`), `paths.txt` (N lines, same order) and `errors.txt`
-  (path<TAB>reason) for every image under `source` into the folder `output`.
+  """Writes `features.npy` (float32 `[N, D]`), `paths.txt` (N lines, same order), `errors.txt`
+  (path<TAB>reason) for every image under `source`, then `extract.json` (their sha256 and N) into
+  the folder `output`.
+
+  Paths are written with `engine.common.textio.encode`: one line each whatever the name holds
+  (backslash, newline, tab and other control characters escaped; non-UTF-8 names keep their
+  bytes). Everything is encoded before anything is written, and extract.json, written last, is the
+  commit point: `read_folder` refuses a folder whose files do not match it.
 
   Raises:
     UserError: no image under `source`, or none of them could be decoded.
@@ -190,9 +204,49 @@ def extract_to_folder(extractor: Extractor, source: str, output: str) -> FolderF
   bad += [(paths[pos], reason) for pos, reason in sorted(result.errors.items())]
   if not len(result.positions):
     raise UserError(f"none of the {len(paths)} images under {source} could be decoded")
+  buf = io.BytesIO()
+  np.save(buf, result.features)
+  data = {
+    "features.npy": buf.getvalue(),
+    "paths.txt": textio.encode([[paths[p]] for p in result.positions]),
+    "errors.txt": textio.encode([[p, r] for p, r in bad]),
+  }
+  manifest = {
+    "rows": int(result.features.shape[0]),
+    "dim": int(result.features.shape[1]),
+    "descriptor": extractor.descriptor.name,
+    "sha256": {name: hashlib.sha256(b).hexdigest() for name, b in data.items()},
+  }
   os.makedirs(output, exist_ok=True)
-  atomic_write(os.path.join(output, "features.npy"), lambda f: np.save(f, result.features))
-  kept = [paths[p] for p in result.positions]
-  atomic_write_text(os.path.join(output, "paths.txt"), "".join(f"{p}\n" for p in kept))
-  atomic_write_text(os.path.join(output, "errors.txt"), "".join(f"{p}\t{r}\n" for p, r in bad))
-  return FolderFeatures(int(result.features.shape[0]), int(result.features.shape[1]), bad)
+  with contextlib.suppress(FileNotFoundError):  # the old outputs stop being valid first
+    os.unlink(os.path.join(output, EXTRACT_MANIFEST))
+  for name, b in data.items():
+    atomic_write(os.path.join(output, name), lambda f, b=b: f.write(b))
+  atomic_write_json(os.path.join(output, EXTRACT_MANIFEST), manifest)
+  return FolderFeatures(manifest["rows"], manifest["dim"], bad)
+
+
+def read_folder(output: str) -> tuple[np.ndarray, list[str]]:
+  """The `[N, D]` features and N paths `extract_to_folder` wrote, checked against extract.json.
+
+  Raises:
+    UserError: a file is missing, or the files are not the ones extract.json describes (an
+      interrupted or mixed write).
+  """
+  try:
+    with open(os.path.join(output, EXTRACT_MANIFEST), encoding="utf-8") as f:
+      manifest = json.load(f)
+    data = {}
+    for name in ("features.npy", "paths.txt"):
+      with open(os.path.join(output, name), "rb") as f:
+        data[name] = f.read()
+  except (OSError, ValueError) as e:
+    raise UserError(f"{output} holds no complete extraction: {e}") from None
+  for name, b in data.items():
+    if hashlib.sha256(b).hexdigest() != manifest.get("sha256", {}).get(name):
+      raise UserError(f"{os.path.join(output, name)} does not match {EXTRACT_MANIFEST}")
+  features = np.load(io.BytesIO(data["features.npy"]), allow_pickle=False)
+  paths = [fields[0] for fields in textio.decode(data["paths.txt"])]
+  if features.shape[0] != len(paths):
+    raise UserError(f"{output}: {features.shape[0]} feature rows but {len(paths)} paths")
+  return features, paths

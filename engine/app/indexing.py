@@ -18,6 +18,7 @@ import numpy as np
 
 from engine import store
 from engine.app import walk
+from engine.common import textio
 from engine.common.errors import UserError
 from engine.common.fileio import atomic_write, sha256_file
 from engine.features.extractor import Extractor, check_compatible
@@ -131,7 +132,7 @@ def index_folder(
     dtype: storage dtype: of a new index ("int8" if None); an existing one must store this.
     prune: tombstone indexed files under `root` that no longer exist.
     commit_every: images per commit (the most work an interruption can lose).
-    report_path: where to write the failures (tab-separated path, reason); default
+    report_path: where to write the failures (path<TAB>reason, `textio.encode`d); default
       `index_path/last_run_failures.tsv`.
     progress: show progress on stderr.
     on_commit: called with the number of images committed so far (tests use it).
@@ -234,9 +235,9 @@ def index_folder(
     idx.close()
     report.seconds = time.monotonic() - t0
     report_path = report_path or os.path.join(index_path, "last_run_failures.tsv")
-    text = "".join(f"{p}\t{r}\n" for p, r in report.failed)
-    try:  # file names that are not UTF-8 are written as their original bytes
-      atomic_write(report_path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+    data = textio.encode([[p, r] for p, r in report.failed])  # one line per file, always
+    try:
+      atomic_write(report_path, lambda f: f.write(data))
     except OSError:
       pass
   return report
