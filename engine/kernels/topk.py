@@ -19,18 +19,20 @@ Storage dtypes: float32, float16, bfloat16 and int8 (symmetric, one float32 scal
     at 7-9 GB/s and bfloat16 at ~18 GB/s (about 10 G elements/s); the same thing written as a dot
     with one query, or as a 3-D broadcast, ran at 0.1-0.9 GB/s. Used for bfloat16 at Q = 1.
   * float32: the library matrix-vector / matrix product (28-40 GB/s at Q = 1, ~250 GFLOP/s).
-  * int8 on an x86 CPU with AVX512-VNNI: the native fused scan + top-k of `engine.kernels.native`
-    (an XLA FFI call; about 25 GB/s at Q = 1 and 850-900 GOP/s at Q = 64-128 on two cores), which
-    never writes the [Q, N] scores. Elsewhere, and as method "int8-xla": XLA's int8 x int8 product
-    with int32 accumulation (~150-250 GOP/s; with a float32 result ~100), one query padded to two
-    (10-12 GB/s, where the product with a single query runs at 0.9 GB/s).
-  * bfloat16, Q <= 8, on an x86 CPU with AVX512-BF16: the same native fused kernel on vdpbf16ps,
-    queries as bf16 high + low pairs (float32-accurate; memory-bound). Larger batches, other CPUs
-    and "bf16-xla": the bf16 product with float32 accumulation (~100-150 GFLOP/s, no AMX seen):
-    vdpbf16ps itself ran at 76 GOP/s per core here, a tenth of vpdpbusd.
-  * float16, Q <= 8, on x86 with AVX-512: the native kernel widens rows with vcvtph2ps (exact).
-    Otherwise no fast path exists (XLA's convert, the bit decode in `decode` and numpy all ran at
-    1-2 GB/s): prefer bfloat16 or int8.
+  * int8 on an x86 CPU with AVX512-VNNI or AVX2: the native fused scan + top-k of
+    `engine.kernels.native` (an XLA FFI call; with VNNI about 25 GB/s at Q = 1 and 850-900 GOP/s
+    at Q = 64-128 on two cores), which never writes the [Q, N] scores; the library is built by an
+    explicit step and picks its AVX-512 or AVX2 loops at run time. Elsewhere, and as method
+    "int8-xla": XLA's int8 x int8 product with int32 accumulation (~150-250 GOP/s; with a float32
+    result ~100), one query padded to two (10-12 GB/s, where one query alone runs at 0.9 GB/s).
+  * bfloat16, Q <= 8, on an x86 CPU with AVX512-BF16 or AVX2: the same native fused kernel
+    (vdpbf16ps with queries as bf16 high + low pairs, or rows widened to float32 and FMA; both
+    float32-accurate and memory-bound). Larger batches, other CPUs and "bf16-xla": the bf16
+    product with float32 accumulation (~100-150 GFLOP/s, no AMX seen): vdpbf16ps itself ran at
+    76 GOP/s per core here, a tenth of vpdpbusd.
+  * float16, Q <= 8, on x86 with AVX-512 or AVX2 + F16C: the native kernel widens rows with
+    vcvtph2ps (exact). Otherwise no fast path exists (XLA's convert, the bit decode in `decode`
+    and numpy all ran at 1-2 GB/s): prefer bfloat16 or int8.
 Plain XLA elementwise loops over the [Q, N] scores ran at about 1 GB/s, so scales, tombstones and
 filters are folded into one pass (a per-row scale and a per-row 0/-inf bias), a per-query int8 scale
 is applied after the selection, and the selection is an exact two-stage block-max top-k.
@@ -307,11 +309,6 @@ def _topk_xla(queries, matrix, scales, valid, *, k, metric, method):
 
 # method -> the storage dtype its native kernel scans
 _NATIVE = {"int8": "int8", "bf16": "bfloat16", "f32": "float16"}
-_NATIVE_TARGETS = {
-  "int8": native.INT8_TOPK,
-  "bfloat16": native.BF16_TOPK,
-  "float16": native.F16_TOPK,
-}
 
 
 def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
@@ -324,7 +321,7 @@ def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
     return False
   if d is not None and ((d * np.dtype(dtype).itemsize) % 4 or d > 65536):
     return False
-  return native.available(kernel)
+  return native.available(kernel, q)
 
 
 def _topk_native(queries, matrix, scales, valid, *, k, metric):
@@ -348,14 +345,7 @@ def _topk_native(queries, matrix, scales, valid, *, k, metric):
     qmul = 2.0 * qscale[:, 0]
   else:
     qmul = jnp.ones((queries.shape[0],), jnp.float32)
-  kk = min(k, n)
-  out = (
-    jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.float32),
-    jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.int32),
-  )
-  target = _NATIVE_TARGETS[jnp.dtype(matrix.dtype).name]
-  call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
-  scores, ids = call(q_in, matrix, scales, qmul, bias)
+  scores, ids = native.scan_topk(q_in, matrix, scales, qmul, bias, min(k, n))
   if metric == "l2":
     scores = scores - jnp.sum(queries * queries, axis=1, keepdims=True)
   elif int8:

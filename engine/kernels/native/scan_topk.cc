@@ -1,4 +1,5 @@
 // Fused brute-force scan + top-k for x86 CPUs, called from XLA as FFI custom calls.
+// Python's one face of it: engine/kernels/native/__init__.py (build, CPU dispatch, FFI calls).
 //
 // For every query q and row r of an int8, bfloat16 or float16 matrix it computes
 //     score[q, r] = dot(query[q], m[r]) * scale[r] * qmul[q] + bias[r]
@@ -13,12 +14,21 @@
 //     high and low part (float32-accurate scores, the loop is memory-bound anyway); a batch uses
 //     the queries rounded to bf16 (scores within ~1e-3; the index re-scores candidates exactly).
 //   * float16 (AVX-512): vcvtph2ps + vfmadd with float32 queries, exact widening; few queries only.
+// The same on CPUs with AVX2 + FMA + F16C only, 32 bytes of a row at a time:
+//   * int8: vpmaddubsw(|row|, sign(query, row)) then vpmaddwd with ones, s32 sums: exact, the
+//     same integer dot (|row| <= 128 and |query| <= 127: a pair sums to <= 32512, no saturation).
+//   * bfloat16 (widened by a 16-bit shift) and float16 (vcvtph2ps): vfmadd with float32 queries,
+//     exact widening, few queries only.
+// Each handler takes the best path the CPU runs (or the one its `isa` attribute names, for tests):
+// the AVX-512 and AVX2 functions carry their own target attributes, everything else is baseline
+// x86-64, so the library loads on any x86-64 CPU and runs only what the CPU has.
 // Two inner loops:
 //   * Few queries (Q <= kSmallQ): one row at a time, 64 bytes per instruction, a horizontal sum per
 //     row: memory-bound.
 //   * Many queries: lanes are queries. Queries are packed as [Q/16][D bytes/4][16][4]; each 4-byte
 //     group of a row is broadcast and multiplied with 16 queries at once, 4-12 rows by up to
 //     kMaxTiles tiles of 16 queries in registers (a GEMM micro-kernel).
+//   * Many int8 queries with AVX2: the same with tiles of 8 queries, 3 rows x 2 tiles in registers.
 // Rows are split into blocks shared by XLA's intra-op thread pool and the calling thread.
 // Ties are broken towards the lower row number, so the result does not depend on the threads.
 
@@ -35,6 +45,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -53,6 +64,11 @@ static_assert(kMaxTiles == 4, "ScanMany dispatches groups of 1 to 4 tiles");
 // their element type needs (VNNI for int8, BF16 for bfloat16).
 #define KERNEL_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512bf16")))
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+
+// The `isa` attribute of the handlers: 0 the best this CPU runs.
+constexpr int64_t kIsaAvx2 = 1;
+constexpr int64_t kIsaAvx512 = 2;
 
 struct Cand {
   float s;
@@ -333,6 +349,177 @@ void ScanBlock(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- AVX2 + FMA + F16C: 32 bytes of a row at a time, tiles of 8 queries ----
+
+// Bytes [j, j + 32) of a row of `bytes` bytes (a multiple of 4); zeros past its end.
+AVX2_TARGET inline __m256i LoadRow32(const uint8_t* p, int64_t j, int64_t bytes) {
+  if (j + 32 <= bytes) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int((bytes - j) / 4)), lane);
+  return _mm256_maskload_epi32(reinterpret_cast<const int*>(p + j), mask);
+}
+
+AVX2_TARGET inline int32_t HsumI32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+AVX2_TARGET inline float HsumF32(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// int8 rows: |row| as the unsigned operand of vpmaddubsw, the query with the row's sign as the
+// signed one; vpmaddwd with ones widens the pairs to s32.
+struct Int8Avx2 {
+  using Acc = __m256i;
+  struct Row {
+    __m256i x, ax;
+  };
+  static constexpr int kQBytes = 64;  // signed query bytes per 64 bytes of a row
+  AVX2_TARGET static Acc Zero() { return _mm256_setzero_si256(); }
+  AVX2_TARGET static Row Prep(__m256i x) { return Row{x, _mm256_abs_epi8(x)}; }
+  AVX2_TARGET static Acc Dot(Acc a, __m256i q, const Row& r) {
+    const __m256i p = _mm256_maddubs_epi16(r.ax, _mm256_sign_epi8(q, r.x));
+    return _mm256_add_epi32(a, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  }
+  AVX2_TARGET static Acc DotRow(Acc a, const uint8_t* q, const Row& r) {
+    return Dot(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), r);
+  }
+  AVX2_TARGET static float Score(Acc a) { return float(HsumI32(a)); }
+};
+
+// bfloat16 and float16 rows, widened exactly to float32, against float32 queries.
+template <bool kHalf>
+struct FloatAvx2 {
+  using Acc = __m256;
+  struct Row {
+    __m256 lo, hi;  // elements 0-7 and 8-15 of the 32 bytes
+  };
+  static constexpr int kQBytes = 128;  // 16 elements of a row meet 16 float32 query values
+  AVX2_TARGET static Acc Zero() { return _mm256_setzero_ps(); }
+  AVX2_TARGET static Row Prep(__m256i x) {
+    const __m128i a = _mm256_castsi256_si128(x), b = _mm256_extracti128_si256(x, 1);
+    if constexpr (kHalf) return Row{_mm256_cvtph_ps(a), _mm256_cvtph_ps(b)};
+    return Row{_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16)),
+               _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16))};
+  }
+  AVX2_TARGET static Acc DotRow(Acc a, const uint8_t* q, const Row& r) {
+    const float* qf = reinterpret_cast<const float*>(q);
+    a = _mm256_fmadd_ps(_mm256_loadu_ps(qf), r.lo, a);
+    return _mm256_fmadd_ps(_mm256_loadu_ps(qf + 8), r.hi, a);
+  }
+  AVX2_TARGET static float Score(Acc a) { return HsumF32(a); }
+};
+
+template <int Q, class E>
+AVX2_TARGET void ScanSmallAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  float qm[Q];
+  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.m + r * p.row_bytes;
+    typename E::Acc acc[Q];
+    for (int j = 0; j < Q; ++j) acc[j] = E::Zero();
+    for (int64_t c = 0; c < p.row_bytes; c += 32) {
+      if (c % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchBytes + c), _MM_HINT_T0);
+      const typename E::Row x = E::Prep(LoadRow32(row, c, p.row_bytes));
+      for (int j = 0; j < Q; ++j)
+        acc[j] = E::DotRow(acc[j], p.qpacked + j * p.dp + c * (E::kQBytes / 64), x);
+    }
+    const float sc = p.scale[r], b = p.bias[r];
+    for (int j = 0; j < Q; ++j) {
+      float s = E::Score(acc[j]) * sc * qm[j] + b;
+      if (s >= w.thr[j]) w.heaps[j].Push(s, int32_t(r));
+    }
+  }
+}
+
+// R int8 rows against G tiles of 8 queries packed as [T][row_bytes/4][8][4] (signed bytes).
+template <int R, int G>
+AVX2_TARGET inline void MicroAvx2(const Problem& p, Worker& w, int64_t r, int64_t t0) {
+  __m256i acc[R][G];
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = _mm256_setzero_si256();
+  const uint8_t* rows[R];
+  for (int i = 0; i < R; ++i) rows[i] = p.m + (r + i) * p.row_bytes;
+  const int64_t groups = p.row_bytes / 4;
+  const uint8_t* qp = p.qpacked + t0 * groups * 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t j = 0; j < groups; ++j) {
+    if (j % 16 == 0)
+      for (int i = 0; i < R; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[i] + kPrefetchBytes + 4 * j), _MM_HINT_T1);
+    __m256i x[R], ax[R];
+    for (int i = 0; i < R; ++i) {
+      int32_t v;
+      std::memcpy(&v, rows[i] + 4 * j, 4);
+      x[i] = _mm256_set1_epi32(v);
+      ax[i] = _mm256_abs_epi8(x[i]);
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + (g * groups + j) * 32));
+      for (int i = 0; i < R; ++i) {
+        const __m256i pr = _mm256_maddubs_epi16(ax[i], _mm256_sign_epi8(qv, x[i]));
+        acc[i][g] = _mm256_add_epi32(acc[i][g], _mm256_madd_epi16(pr, ones));
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    const int64_t row = r + i;
+    const __m256 sc = _mm256_set1_ps(p.scale[row]);
+    const __m256 b = _mm256_set1_ps(p.bias[row]);
+    for (int g = 0; g < G; ++g) {
+      const int64_t t = t0 + g;
+      __m256 s = _mm256_cvtepi32_ps(acc[i][g]);
+      s = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(s, sc), _mm256_loadu_ps(p.qmul + t * 8)), b);
+      int hit = _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_loadu_ps(w.thr.data() + t * 8), _CMP_GE_OQ));
+      if (!hit) continue;
+      alignas(32) float sv[8];
+      _mm256_store_ps(sv, s);
+      while (hit) {
+        int lane = __builtin_ctz(hit);
+        hit &= hit - 1;
+        int64_t qi = t * 8 + lane;
+        if (qi < p.q) w.heaps[qi].Push(sv[lane], int32_t(row));
+      }
+    }
+  }
+}
+
+template <int G>
+AVX2_TARGET void ScanTilesAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1, int64_t t0) {
+  constexpr int R = G == 2 ? 3 : 4;  // accumulators, |rows| and rows fit 16 registers
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) MicroAvx2<R, G>(p, w, r, t0);
+  for (; r < r1; ++r) MicroAvx2<1, G>(p, w, r, t0);
+}
+
+template <class E>
+void ScanBlockAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  switch (p.q) {
+    case 1: ScanSmallAvx2<1, E>(p, w, r0, r1); return;
+    case 2: ScanSmallAvx2<2, E>(p, w, r0, r1); return;
+    case 3: ScanSmallAvx2<3, E>(p, w, r0, r1); return;
+    case 4: ScanSmallAvx2<4, E>(p, w, r0, r1); return;
+    case 5: ScanSmallAvx2<5, E>(p, w, r0, r1); return;
+    case 6: ScanSmallAvx2<6, E>(p, w, r0, r1); return;
+    case 7: ScanSmallAvx2<7, E>(p, w, r0, r1); return;
+    case 8: ScanSmallAvx2<8, E>(p, w, r0, r1); return;
+    default:
+      if constexpr (std::is_same_v<E, Int8Avx2>) {  // pairs of tiles, then a last single one
+        int64_t t = 0;
+        for (; t + 2 <= p.tiles; t += 2) ScanTilesAvx2<2>(p, w, r0, r1, t);
+        if (t < p.tiles) ScanTilesAvx2<1>(p, w, r0, r1, t);
+      }
+      return;
+  }
+}
+
 // Work shared between the calling thread and pool tasks; tasks that start after the work is gone
 // return at once, so no one waits for a task the pool never runs.
 struct Shared {
@@ -368,13 +555,40 @@ bool Avx512Bw() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
 
-bool VnniSupported() { return Avx512Bw() && __builtin_cpu_supports("avx512vnni"); }
-bool Bf16Supported() { return Avx512Bw() && __builtin_cpu_supports("avx512bf16"); }
+bool Avx2Fma() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+// The paths (bit kIsa*) that the kernel of dtype 0 (int8), 1 (bfloat16) or 2 (float16) has here.
+int IsaMask(int dtype) {
+  if (dtype < 0 || dtype > 2) return 0;
+  int mask = Avx2Fma() ? 1 << kIsaAvx2 : 0;
+  const bool ext = dtype == 0   ? __builtin_cpu_supports("avx512vnni")
+                   : dtype == 1 ? __builtin_cpu_supports("avx512bf16")
+                                : true;
+  if (Avx512Bw() && ext) mask |= 1 << kIsaAvx512;
+  return mask;
+}
+
+// The path a call runs: the best of `mask` when `want` is 0, else `want` if the CPU has it; -1: none.
+int64_t Resolve(int64_t want, int mask) {
+  if (want == 0) return mask >> kIsaAvx512 & 1 ? kIsaAvx512 : mask >> kIsaAvx2 & 1 ? kIsaAvx2 : -1;
+  return (want == kIsaAvx2 || want == kIsaAvx512) && (mask >> want & 1) ? want : -1;
+}
+
+// One scan loop and the query layout it reads.
+struct Kernel {
+  void (*scan)(const Problem&, Worker&, int64_t, int64_t);
+  int qbytes;  // few queries: packed query bytes per 64 bytes of a row
+  int lanes;   // many queries: queries per tile (16 AVX-512, 8 AVX2); 0: few queries only
+};
 
 // Checks shapes, runs the scan over XLA's thread pool and writes the merged top-k. `pack` fills
 // `packed` with the queries in the layout of the loop that will run (p.q, p.d and p.dp are set).
-template <class E, class Pack>
-ffi::Error ScanTopK(const char* name, ffi::ThreadPool& pool, ffi::Span<const int64_t> qd,
+template <class Pack>
+ffi::Error ScanTopK(const char* name, const Kernel& kern, ffi::ThreadPool& pool, ffi::Span<const int64_t> qd,
                     ffi::Span<const int64_t> md, int64_t esize, const void* m,
                     ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& qmul,
                     ffi::Buffer<ffi::F32>& bias, ffi::ResultBuffer<ffi::F32>& out_s,
@@ -384,7 +598,7 @@ ffi::Error ScanTopK(const char* name, ffi::ThreadPool& pool, ffi::Span<const int
     return ffi::Error::InvalidArgument(std::string(name) +
                                        ": expected queries [Q, D], rows [N, D], out [Q, k]");
   const int64_t nq = qd[0], d = qd[1], n = md[0], k = od[1];
-  if (!E::kTiles && nq > kSmallQ)
+  if (!kern.lanes && nq > kSmallQ)
     return ffi::Error::InvalidArgument(std::string(name) + ": at most 8 queries per call");
   if (scale.element_count() != size_t(n) || bias.element_count() != size_t(n) ||
       qmul.element_count() != size_t(nq))
@@ -394,7 +608,7 @@ ffi::Error ScanTopK(const char* name, ffi::ThreadPool& pool, ffi::Span<const int
                                        ": rows must be a multiple of 4 bytes, D <= 65536");
   auto sh = std::make_shared<Shared>();
   Problem& p = sh->p;
-  sh->scan = &ScanBlock<E>;
+  sh->scan = kern.scan;
   p.m = static_cast<const uint8_t*>(m);
   p.scale = scale.typed_data();
   p.bias = bias.typed_data();
@@ -407,11 +621,12 @@ ffi::Error ScanTopK(const char* name, ffi::ThreadPool& pool, ffi::Span<const int
   std::vector<uint8_t> packed;
   std::vector<float> qm;
   if (nq <= kSmallQ) {
-    p.dp = (p.row_bytes + 63) / 64 * E::kQBytes;
+    p.dp = (p.row_bytes + 63) / 64 * kern.qbytes;
     qm.assign(qmul.typed_data(), qmul.typed_data() + nq);
   } else {
     p.dp = p.row_bytes;
-    qm.assign(p.tiles * 16, 0.0f);
+    p.tiles = (nq + kern.lanes - 1) / kern.lanes;
+    qm.assign(p.tiles * kern.lanes, 0.0f);
     std::copy(qmul.typed_data(), qmul.typed_data() + nq, qm.begin());
   }
   pack(p, packed);
@@ -453,18 +668,17 @@ ffi::Error ScanTopK(const char* name, ffi::ThreadPool& pool, ffi::Span<const int
 
 }  // namespace
 
-extern "C" int vgg_int8_topk_supported() { return VnniSupported() ? 1 : 0; }
-extern "C" int vgg_bf16_topk_supported() { return Bf16Supported() ? 1 : 0; }
-extern "C" int vgg_f16_topk_supported() { return Avx512Bw() ? 1 : 0; }
+// Bit kIsa* set for each path the kernel of `dtype` (0 int8, 1 bfloat16, 2 float16) runs here.
+extern "C" int vgg_topk_isas(int dtype) { return IsaMask(dtype); }
 
-// The instruction ceiling of this kernel: `iters` x 12 independent vpdpbusd on one thread, in
-// GOP/s (one multiply-add = 2 operations). Benchmarks run it on every core at once for the floor.
-extern "C" VNNI_TARGET double vgg_vnni_peak_gops(int64_t iters) {
+// The instruction ceiling of the int8 path in use, one thread for about `seconds`, in GOP/s (one
+// multiply-add = 2 operations): 12 independent vpdpbusd (VNNI), or 6 independent vpmaddubsw +
+// vpmaddwd + vpaddd (AVX2). Benchmarks run it on every core at once for the floor.
+static VNNI_TARGET double VnniPeak(int64_t iters) {
   const __m512i a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x01010101);
   // Twelve named accumulators (an array would live on the stack and time store forwarding).
   __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0,
           c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
-  const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < iters; ++i) {
     c0 = _mm512_dpbusd_epi32(c0, a, b);
     c1 = _mm512_dpbusd_epi32(c1, a, b);
@@ -481,27 +695,91 @@ extern "C" VNNI_TARGET double vgg_vnni_peak_gops(int64_t iters) {
     __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5), "+v"(c6),
                      "+v"(c7), "+v"(c8), "+v"(c9), "+v"(c10), "+v"(c11));
   }
-  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const __m512i s0 = _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3));
   const __m512i s1 = _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7));
   const __m512i s2 = _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11));
-  const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(s0, s1), s2);
-  volatile int32_t sink = _mm512_reduce_add_epi32(sum);
+  volatile int32_t sink = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(s0, s1), s2));
   (void)sink;
-  return double(iters) * 12 * 64 * 2 / sec / 1e9;
+  return double(iters) * 12 * 64 * 2;
 }
 
-// Byte offset of byte `b` of query j's row in the many-query layout [Q/16][row_bytes/4][16][4].
-static int64_t TileOffset(int64_t j, int64_t b, int64_t groups) {
-  return (((j / 16) * groups + b / 4) * 16 + j % 16) * 4 + b % 4;
+static AVX2_TARGET double Avx2Peak(int64_t iters) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i a = _mm256_set1_epi32(0x01020304), b0 = _mm256_set1_epi32(0x01010101), b1 = b0, b2 = b0,
+          b3 = b0, b4 = b0, b5 = b0;
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+  for (int64_t i = 0; i < iters; ++i) {
+    // Opaque operands each time: the products must not be computed once and hoisted.
+    __asm__ volatile("" : "+x"(a), "+x"(b0), "+x"(b1), "+x"(b2), "+x"(b3), "+x"(b4), "+x"(b5));
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b0), ones));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b1), ones));
+    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b2), ones));
+    c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b3), ones));
+    c4 = _mm256_add_epi32(c4, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b4), ones));
+    c5 = _mm256_add_epi32(c5, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b5), ones));
+  }
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(c0, c1), c2),
+                                     _mm256_add_epi32(_mm256_add_epi32(c3, c4), c5));
+  volatile int32_t sink = HsumI32(s);
+  (void)sink;
+  return double(iters) * 6 * 32 * 2;
+}
+
+extern "C" double vgg_int8_peak_gops(double seconds) {
+  const int64_t isa = Resolve(0, IsaMask(0));
+  if (isa < 0) return 0.0;
+  const auto t0 = std::chrono::steady_clock::now();
+  double ops = 0, sec = 0;
+  while (sec < seconds) {
+    ops += isa == kIsaAvx512 ? VnniPeak(1 << 16) : Avx2Peak(1 << 16);
+    sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  return ops / sec / 1e9;
+}
+
+// Byte offset of byte `b` of query j's row in the many-query layout [Q/L][row_bytes/4][L][4] of
+// tiles of L queries.
+static int64_t TileOffset(int64_t j, int64_t b, int64_t groups, int64_t lanes = 16) {
+  return (((j / lanes) * groups + b / 4) * lanes + j % lanes) * 4 + b % 4;
+}
+
+// A query [Q, D] of float32 as the few-query loops of float rows read it: [Q][dp] float32, 0-padded.
+static void PackFloat(const float* qs, const Problem& p, std::vector<uint8_t>& packed) {
+  packed.assign(p.q * p.dp, 0);
+  for (int64_t j = 0; j < p.q; ++j) std::memcpy(&packed[j * p.dp], qs + j * p.d, 4 * p.d);
+}
+
+static ffi::Error NoPath(const char* name, int64_t want) {
+  return ffi::Error::Internal(std::string(name) + ": this CPU runs no " +
+                              (want == kIsaAvx2 ? "AVX2" : want == kIsaAvx512 ? "AVX-512" : "") +
+                              " path of this kernel");
 }
 
 static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::Buffer<ffi::S8> m,
                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
-                           ffi::ResultBuffer<ffi::S32> out_i) {
-  if (!VnniSupported()) return ffi::Error::Internal("int8_topk: this CPU lacks AVX512-VNNI");
+                           ffi::ResultBuffer<ffi::S32> out_i, int64_t want) {
+  const int64_t isa = Resolve(want, IsaMask(0));
+  if (isa < 0) return NoPath("int8_topk", want);
   const int8_t* qs = q8.typed_data();
+  if (isa == kIsaAvx2) {  // signed queries; tiles of 8 for many
+    auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
+      const int64_t nq = p.q, d = p.d;
+      if (nq <= kSmallQ) {
+        packed.assign(nq * p.dp, 0);
+        for (int64_t j = 0; j < nq; ++j) std::memcpy(&packed[j * p.dp], qs + j * d, d);
+        return;
+      }
+      const int64_t groups = d / 4;
+      packed.assign(p.tiles * groups * 32, 0);
+      for (int64_t j = 0; j < nq; ++j)
+        for (int64_t c = 0; c < d; ++c)
+          packed[TileOffset(j, c, groups, 8)] = uint8_t(qs[j * d + c]);
+    };
+    return ScanTopK("int8_topk", Kernel{&ScanBlockAvx2<Int8Avx2>, Int8Avx2::kQBytes, 8}, pool,
+                    q8.dimensions(), m.dimensions(), 1, m.typed_data(), scale, qmul, bias, out_s,
+                    out_i, pack);
+  }
   // Queries as unsigned bytes (q + 128); the many-query loop wants them interleaved by 16.
   auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
     const int64_t nq = p.q, d = p.d;
@@ -517,8 +795,8 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
       for (int64_t c = 0; c < d; ++c)
         packed[TileOffset(j, c, groups)] = uint8_t(qs[j * d + c] + 128);
   };
-  return ScanTopK<Int8>("int8_topk", pool, q8.dimensions(), m.dimensions(), 1, m.typed_data(),
-                        scale, qmul, bias, out_s, out_i, pack);
+  return ScanTopK("int8_topk", Kernel{&ScanBlock<Int8>, Int8::kQBytes, 16}, pool, q8.dimensions(),
+                  m.dimensions(), 1, m.typed_data(), scale, qmul, bias, out_s, out_i, pack);
 }
 
 // Round-to-nearest-even float32 -> bfloat16 bits (queries are finite).
@@ -538,9 +816,16 @@ static float FromBf16(uint16_t h) {
 static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> m,
                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
-                           ffi::ResultBuffer<ffi::S32> out_i) {
-  if (!Bf16Supported()) return ffi::Error::Internal("bf16_topk: this CPU lacks AVX512-BF16");
+                           ffi::ResultBuffer<ffi::S32> out_i, int64_t want) {
+  const int64_t isa = Resolve(want, IsaMask(1));
+  if (isa < 0) return NoPath("bf16_topk", want);
   const float* qs = q.typed_data();
+  if (isa == kIsaAvx2) {  // float32 queries against rows widened exactly: few queries
+    auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) { PackFloat(qs, p, packed); };
+    using E = FloatAvx2<false>;
+    return ScanTopK("bf16_topk", Kernel{&ScanBlockAvx2<E>, E::kQBytes, 0}, pool, q.dimensions(),
+                    m.dimensions(), 2, m.typed_data(), scale, qmul, bias, out_s, out_i, pack);
+  }
   auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
     const int64_t nq = p.q, d = p.d;
     auto put = [&](int64_t byte, uint16_t v) { std::memcpy(&packed[byte], &v, 2); };
@@ -559,25 +844,27 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     for (int64_t j = 0; j < nq; ++j)
       for (int64_t c = 0; c < d; ++c) put(TileOffset(j, 2 * c, groups), ToBf16(qs[j * d + c]));
   };
-  return ScanTopK<Bf16>("bf16_topk", pool, q.dimensions(), m.dimensions(), 2, m.typed_data(),
-                        scale, qmul, bias, out_s, out_i, pack);
+  return ScanTopK("bf16_topk", Kernel{&ScanBlock<Bf16>, Bf16::kQBytes, 16}, pool, q.dimensions(),
+                  m.dimensions(), 2, m.typed_data(), scale, qmul, bias, out_s, out_i, pack);
 }
 
 static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> m,
                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
-                          ffi::ResultBuffer<ffi::S32> out_i) {
-  if (!Avx512Bw()) return ffi::Error::Internal("f16_topk: this CPU lacks AVX-512");
+                          ffi::ResultBuffer<ffi::S32> out_i, int64_t want) {
+  const int64_t isa = Resolve(want, IsaMask(2));
+  if (isa < 0) return NoPath("f16_topk", want);
   const float* qs = q.typed_data();
-  auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {  // [Q][dp] float32, 0-padded
-    packed.assign(p.q * p.dp, 0);
-    for (int64_t j = 0; j < p.q; ++j) std::memcpy(&packed[j * p.dp], qs + j * p.d, 4 * p.d);
-  };
-  return ScanTopK<F16>("f16_topk", pool, q.dimensions(), m.dimensions(), 2, m.typed_data(), scale,
-                       qmul, bias, out_s, out_i, pack);
+  auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) { PackFloat(qs, p, packed); };
+  const Kernel kern = isa == kIsaAvx2
+                          ? Kernel{&ScanBlockAvx2<FloatAvx2<true>>, FloatAvx2<true>::kQBytes, 0}
+                          : Kernel{&ScanBlock<F16>, F16::kQBytes, 0};
+  return ScanTopK("f16_topk", kern, pool, q.dimensions(), m.dimensions(), 2, m.typed_data(), scale,
+                  qmul, bias, out_s, out_i, pack);
 }
 
-// The three handlers take (queries, rows, scale [N], qmul [Q], bias [N]) -> (scores, ids) [Q, k].
+// The three handlers take (queries, rows, scale [N], qmul [Q], bias [N]) -> (scores, ids) [Q, k]
+// and the attribute `isa` (0: the best path here; kIsaAvx2 / kIsaAvx512: that one).
 template <ffi::DataType QueryType, ffi::DataType RowType>
 auto TopKBinding() {
   return ffi::Ffi::Bind()
@@ -588,7 +875,8 @@ auto TopKBinding() {
       .template Arg<ffi::Buffer<ffi::F32>>()
       .template Arg<ffi::Buffer<ffi::F32>>()
       .template Ret<ffi::Buffer<ffi::F32>>()
-      .template Ret<ffi::Buffer<ffi::S32>>();
+      .template Ret<ffi::Buffer<ffi::S32>>()
+      .template Attr<int64_t>("isa");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VggInt8TopK, Int8TopK, (TopKBinding<ffi::S8, ffi::S8>()));
