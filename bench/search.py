@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -120,9 +121,24 @@ def peak_gflops() -> dict:
   )
   t, _ = timed(lambda: g(ab, bb), 3)
   out["jax_bf16"] = 2 * 128 * 512 * 65536 / t / 1e9
-  if native.available():  # the VNNI instruction ceiling of the native kernel, all cores at once
-    out["vnni_int8"] = native.vnni_peak_gops(len(os.sched_getaffinity(0)))
+  if native.available():  # the instruction ceiling of the native int8 path, all cores at once
+    out[f"native_int8_{native.isa('int8')}"] = native.int8_peak_gops(len(os.sched_getaffinity(0)))
   return out
+
+
+def cpu_line() -> str:
+  """The CPU model and the extensions the kernels care about (AVX2, AVX-512 VNNI/BF16, AMX)."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    model = names[0] if names else model
+  except OSError:
+    pass
+  flags = native.cpu_flags()
+  wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+  have = [f for f in wanted if f in flags] or ["none of " + ", ".join(wanted)]
+  return f"CPU: {model}, {os.cpu_count()} logical CPUs; {' '.join(have)}"
 
 
 def storage(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -138,6 +154,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   n, d, k, nq = _N.value, _D.value, _K.value, _Q.value
   reps = _REPEATS.value
+  print(cpu_line(), flush=True)
+  print(native.status(), flush=True)
   rng = np.random.default_rng(0)
   t = time.perf_counter()
   if _FEATURES.value:
@@ -167,9 +185,9 @@ def main(argv):
   print("peaks GFLOP/s:", {a: round(b) for a, b in peaks.items()}, flush=True)
   rows = []
 
-  # The int8 rows of this project run the native kernel where it is in use: its floor is the VNNI
-  # instruction ceiling; the other int8 rows are held to XLA's int8 product.
-  int8_peak = peaks.get("vnni_int8", peaks["jax_int8"])
+  # The int8 rows of this project run the native kernel where it is in use: its floor is the
+  # instruction ceiling of its path (VNNI or AVX2); the other int8 rows are held to XLA's int8 product.
+  int8_peak = next((v for a, v in peaks.items() if a.startswith("native_int8")), peaks["jax_int8"])
 
   def record(impl, dtype, mode, qn, sec, first, bytes_scanned, found, peak=None):
     flops = 2.0 * qn * n * d
@@ -292,6 +310,7 @@ def main(argv):
     f"\nN={n} D={d} k={k}, medians of {reps} runs, {jax.devices()[0].device_kind}, "
     f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (other users of the machine)"
   )
+  print(cpu_line())
   print(native.status())
   print(
     f"floors: bytes / {_MEM_BW.value:g} GB/s; FLOPs / peak {json.dumps({a: round(b) for a, b in peaks.items()})} GFLOP/s"
@@ -307,7 +326,16 @@ def main(argv):
   if _OUTPUT.value:
     atomic_write_json(
       _OUTPUT.value,
-      {"n": n, "d": d, "k": k, "peaks_gflops": peaks, "loadavg": load, "rows": rows},
+      {
+        "n": n,
+        "d": d,
+        "k": k,
+        "cpu": cpu_line(),
+        "native": native.status(),
+        "peaks_gflops": peaks,
+        "loadavg": load,
+        "rows": rows,
+      },
     )
 
 
