@@ -185,8 +185,6 @@ def test_vmap_over_query_batches(built):
 @pytest.mark.parametrize("q,d", [(1, 512), (3, 130), (8, 64), (17, 96), (40, 512)])
 def test_bf16_kernel_against_float64(built, isa, q, d):
   _need("bfloat16", isa)
-  if q > native.FEW_QUERIES and isa == "avx2":
-    pytest.skip("the AVX2 bfloat16 path serves few queries")
   rng = np.random.default_rng(q * d)
   n = 5000
   mb = clustered(rng, n, d, 40).astype(ml_dtypes.bfloat16)
@@ -194,23 +192,27 @@ def test_bf16_kernel_against_float64(built, isa, q, d):
   bias = np.where(rng.random(n) < 0.1, -np.inf, 0.0).astype(np.float32)
   ones = np.ones(n, np.float32)
   vals, ids = _call(queries, mb, ones, np.ones(q, np.float32), bias, 10, isa)
-  # Few queries are float32-accurate (AVX-512: bf16 high + low pairs; AVX2: float32 queries);
-  # AVX-512 batches round them to bf16.
-  qref = queries if q <= 8 else queries.astype(ml_dtypes.bfloat16).astype(np.float32)
+  # Float32-accurate (AVX-512: bf16 high + low pairs; AVX2: float32 queries), except AVX-512
+  # batches: they round the queries to bf16.
+  rounded = q > native.FEW_QUERIES and isa == "avx512-bf16"
+  qref = queries.astype(ml_dtypes.bfloat16).astype(np.float32) if rounded else queries
   exact = qref.astype(np.float64) @ mb.astype(np.float64).T + bias[None]
-  tol = 1e-4 if q <= 8 else 1e-3
+  tol = 1e-3 if rounded else 1e-4
   np.testing.assert_allclose(vals, np.take_along_axis(exact, ids, 1), atol=tol)
   kth = -np.sort(-exact, axis=1)[:, 9]
   assert np.all(vals[:, -1] >= kth - tol)  # nothing better than the returned tenth was missed
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_topk_native_bf16_matches_xla(built, metric):
-  _need("bfloat16", queries=4)
+@pytest.mark.parametrize("q", [4, 20])
+def test_topk_native_bf16_matches_xla(built, metric, q):
+  _need("bfloat16", queries=q)
+  if not topk_lib._uses_native("bf16", ml_dtypes.bfloat16, q, 128):
+    pytest.skip(f"topk does not run the native bfloat16 kernel for {q} queries here")
   rng = np.random.default_rng(11)
   x = clustered(rng, 8000, 128, 80)
   mb = x.astype(ml_dtypes.bfloat16)
-  queries = x[rng.integers(0, len(x), 4)] + 0.01 * rng.standard_normal((4, 128)).astype(np.float32)
+  queries = x[rng.integers(0, len(x), q)] + 0.01 * rng.standard_normal((q, 128)).astype(np.float32)
   valid = rng.random(len(x)) > 0.3
   a = topk_lib.topk(queries, mb, 10, metric=metric, valid=valid, method="bf16")
   b = topk_lib.topk(queries, mb, 10, metric=metric, valid=valid, method="reduce")
@@ -219,9 +221,11 @@ def test_topk_native_bf16_matches_xla(built, metric):
 
 
 @pytest.mark.parametrize("isa", F16_PATHS)
-@pytest.mark.parametrize("q,d", [(1, 512), (3, 100), (8, 64), (5, 6)])
+@pytest.mark.parametrize("q,d", [(1, 512), (3, 100), (8, 64), (5, 6), (9, 6), (17, 100), (40, 512)])
 def test_f16_kernel_against_float64(built, isa, q, d):
   _need("float16", isa)
+  if q > native.FEW_QUERIES and ("float16", isa) not in native.MANY_QUERIES:
+    pytest.skip(f"the {isa} float16 path serves few queries")
   rng = np.random.default_rng(q + d)
   n = 4500  # two full blocks of rows and a tail
   m16 = clustered(rng, n, d, 50).astype(np.float16)
@@ -235,7 +239,9 @@ def test_f16_kernel_against_float64(built, isa, q, d):
   assert np.all(vals[:, -1] >= kth - 1e-5)
 
 
-@pytest.mark.parametrize("q,d,metric", [(1, 512, "cosine"), (3, 100, "cosine"), (8, 64, "l2")])
+@pytest.mark.parametrize(
+  "q,d,metric", [(1, 512, "cosine"), (3, 100, "cosine"), (8, 64, "l2"), (20, 64, "l2")]
+)
 def test_float16_rows_widened_exactly(built, q, d, metric):
   _need("float16", queries=q)
   rng = np.random.default_rng(q + d)
@@ -264,8 +270,9 @@ def test_kernel_rejects_what_it_cannot_scan(built):
       native.scan_topk(q, m, ones, np.ones(len(q), np.float32), 0 * ones, k)
     )
 
-  with pytest.raises(RuntimeError, match="no native float16 kernel for 9 queries"):
-    call(np.ones((9, 64), np.float32), np.ones((50, 64), np.float16))
+  if ("float16", native.isa("float16")) not in native.MANY_QUERIES:
+    with pytest.raises(RuntimeError, match="no native float16 kernel for 9 queries"):
+      call(np.ones((9, 64), np.float32), np.ones((50, 64), np.float16))
   with pytest.raises(Exception, match="multiple of 4 bytes"):
     call(np.ones((2, 6), np.int8), np.ones((50, 6), np.int8))
   with pytest.raises(Exception, match=r"expected queries \[Q, D\]"):

@@ -61,8 +61,9 @@ METRICS = ("cosine", "l2")
 _BLOCK = 128
 
 _DN = (((1,), (1,)), ((), ()))  # contract the feature axis of [Q, D] with [N, D]
-# The native bfloat16 and float16 kernels serve only the memory-bound few-query loop: vdpbf16ps ran
+# The AVX-512 bfloat16 and float16 kernels serve only the memory-bound few-query loop: vdpbf16ps ran
 # at 76 GOP/s per core on the project's CPU (vpdpbusd: 760), below XLA's product on widened rows.
+# Their AVX2 loops widen the rows once and run float32 FMA for any number of queries.
 _NATIVE_FEW_Q = 8
 
 
@@ -317,8 +318,8 @@ def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
   kernel = _NATIVE.get(method)
   if kernel is None or np.dtype(dtype) != np.dtype(jnp.dtype(kernel)):
     return False
-  if kernel != "int8" and q > _NATIVE_FEW_Q:
-    return False
+  if kernel != "int8" and q > _NATIVE_FEW_Q and native.isa(kernel) != "avx2":
+    return False  # vdpbf16ps batches lose to XLA; AVX2 batches of widened rows beat it
   if d is not None and ((d * np.dtype(dtype).itemsize) % 4 or d > 65536):
     return False
   return native.available(kernel, q)

@@ -16,8 +16,8 @@ of the kernels' instruction sets (AVX2 + FMA + F16C, or AVX-512) gets no compile
 one library holds the AVX2 and the AVX-512 loops (per-function target attributes, baseline code
 elsewhere) and each call takes the best one the CPU has, unless `isa` names another (tests):
   * int8: AVX512-VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd);
-  * bfloat16: AVX512-BF16 (vdpbf16ps), else AVX2 (rows widened by a shift, FMA; few queries);
-  * float16: AVX-512, else AVX2 + F16C (vcvtph2ps, FMA; few queries).
+  * bfloat16: AVX512-BF16 (vdpbf16ps), else AVX2 (rows widened by a shift, FMA);
+  * float16: AVX-512 (few queries), else AVX2 + F16C (vcvtph2ps, FMA).
 
 Cache trust. The library lives in `native/` of the engine's cache (`$VGG_RETRIEVAL_CACHE`, default
 `~/.cache/vgg-retrieval`), named by a key of the source, jaxlib, the compiler and its flags, with a
@@ -67,7 +67,13 @@ ISAS = {
 }
 # Queries per call of the few-query-only paths (the others take any number).
 FEW_QUERIES = 8
-_MANY_QUERIES = {("int8", "avx512-vnni"), ("int8", "avx2"), ("bfloat16", "avx512-bf16")}
+MANY_QUERIES = {
+  ("int8", "avx512-vnni"),
+  ("int8", "avx2"),
+  ("bfloat16", "avx512-bf16"),
+  ("bfloat16", "avx2"),
+  ("float16", "avx2"),
+}
 _TARGETS = {"int8": INT8_TOPK, "bfloat16": BF16_TOPK, "float16": F16_TOPK}
 _HANDLERS = {"int8": "VggInt8TopK", "bfloat16": "VggBf16TopK", "float16": "VggF16TopK"}
 
@@ -312,7 +318,7 @@ def available(dtype: str = "int8", queries: int = 1) -> bool:
   Never compiles: it loads a library that `build()` made earlier, after checking it.
   """
   paths = _load().paths.get(dtype, [])
-  return bool(paths) and (queries <= FEW_QUERIES or (dtype, paths[0]) in _MANY_QUERIES)
+  return bool(paths) and (queries <= FEW_QUERIES or (dtype, paths[0]) in MANY_QUERIES)
 
 
 def isa(dtype: str) -> str | None:

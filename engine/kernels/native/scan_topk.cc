@@ -184,6 +184,7 @@ struct Worker {
   std::vector<float> thr;    // [tiles * 16]
   std::vector<Heap> heaps;   // [Q]
   std::vector<int32_t> rowsum;  // row sums of the block being scanned (int8)
+  std::vector<float> wide;      // rows widened to float32 (AVX2 float16 / bfloat16, many queries)
   void Init(const Problem& p) {
     cand.resize(p.q * p.k);
     // Padding lanes never pass the compare; real queries start at -inf.
@@ -439,6 +440,25 @@ AVX2_TARGET void ScanSmallAvx2(const Problem& p, Worker& w, int64_t r0, int64_t 
   }
 }
 
+// Scores of one row against tile t of 8 queries from its 8 products: the heaps of the queries
+// whose threshold they reach get them.
+AVX2_TARGET inline void Emit8(const Problem& p, Worker& w, int64_t row, int64_t t, __m256 dot) {
+  const __m256 sc = _mm256_set1_ps(p.scale[row]);
+  const __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(dot, sc), _mm256_loadu_ps(p.qmul + t * 8)),
+                                 _mm256_set1_ps(p.bias[row]));
+  int hit =
+      _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_loadu_ps(w.thr.data() + t * 8), _CMP_GE_OQ));
+  if (!hit) return;
+  alignas(32) float sv[8];
+  _mm256_store_ps(sv, s);
+  while (hit) {
+    const int lane = __builtin_ctz(hit);
+    hit &= hit - 1;
+    const int64_t qi = t * 8 + lane;
+    if (qi < p.q) w.heaps[qi].Push(sv[lane], int32_t(row));
+  }
+}
+
 // R int8 rows against G tiles of 8 queries packed as [T][row_bytes/4][8][4] (signed bytes).
 template <int R, int G>
 AVX2_TARGET inline void MicroAvx2(const Problem& p, Worker& w, int64_t r, int64_t t0) {
@@ -469,26 +489,56 @@ AVX2_TARGET inline void MicroAvx2(const Problem& p, Worker& w, int64_t r, int64_
       }
     }
   }
-  for (int i = 0; i < R; ++i) {
-    const int64_t row = r + i;
-    const __m256 sc = _mm256_set1_ps(p.scale[row]);
-    const __m256 b = _mm256_set1_ps(p.bias[row]);
-    for (int g = 0; g < G; ++g) {
-      const int64_t t = t0 + g;
-      __m256 s = _mm256_cvtepi32_ps(acc[i][g]);
-      s = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(s, sc), _mm256_loadu_ps(p.qmul + t * 8)), b);
-      int hit = _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_loadu_ps(w.thr.data() + t * 8), _CMP_GE_OQ));
-      if (!hit) continue;
-      alignas(32) float sv[8];
-      _mm256_store_ps(sv, s);
-      while (hit) {
-        int lane = __builtin_ctz(hit);
-        hit &= hit - 1;
-        int64_t qi = t * 8 + lane;
-        if (qi < p.q) w.heaps[qi].Push(sv[lane], int32_t(row));
-      }
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) Emit8(p, w, r + i, t0 + g, _mm256_cvtepi32_ps(acc[i][g]));
+}
+
+// R float16 / bfloat16 rows, widened to float32 rows of `dw` floats at `wide`, against G tiles
+// of 8 float32 queries packed as [T][D][8]: one broadcast row value meets 8 queries per FMA.
+template <int R, int G>
+AVX2_TARGET inline void FloatMicroAvx2(const Problem& p, Worker& w, const float* wide, int64_t dw,
+                                       int64_t r, int64_t t0) {
+  __m256 acc[R][G];
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = _mm256_setzero_ps();
+  const float* qp = reinterpret_cast<const float*>(p.qpacked) + t0 * p.d * 8;
+  for (int64_t j = 0; j < p.d; ++j) {
+    __m256 qv[G];
+    for (int g = 0; g < G; ++g) qv[g] = _mm256_loadu_ps(qp + (g * p.d + j) * 8);
+    for (int i = 0; i < R; ++i) {
+      const __m256 x = _mm256_broadcast_ss(wide + i * dw + j);
+      for (int g = 0; g < G; ++g) acc[i][g] = _mm256_fmadd_ps(qv[g], x, acc[i][g]);
     }
   }
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) Emit8(p, w, r + i, t0 + g, acc[i][g]);
+}
+
+// R rows widened once, then every tile of queries: pairs of tiles and a last single one.
+template <int R, class E>
+AVX2_TARGET void FloatRowsAvx2(const Problem& p, Worker& w, int64_t r, int64_t dw) {
+  float* wide = w.wide.data();
+  for (int i = 0; i < R; ++i) {
+    const uint8_t* row = p.m + (r + i) * p.row_bytes;
+    for (int64_t c = 0; c < p.row_bytes; c += 32) {
+      const typename E::Row x = E::Prep(LoadRow32(row, c, p.row_bytes));
+      _mm256_storeu_ps(wide + i * dw + c / 2, x.lo);
+      _mm256_storeu_ps(wide + i * dw + c / 2 + 8, x.hi);
+    }
+  }
+  int64_t t = 0;
+  for (; t + 2 <= p.tiles; t += 2) FloatMicroAvx2<R, 2>(p, w, wide, dw, r, t);
+  if (t < p.tiles) FloatMicroAvx2<R, 1>(p, w, wide, dw, r, t);
+}
+
+template <class E>
+AVX2_TARGET void FloatManyAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  constexpr int R = 6;  // 12 accumulators, 2 query vectors and a broadcast: 15 registers
+  const int64_t dw = (p.d + 15) / 16 * 16;
+  w.wide.resize(R * dw);
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) FloatRowsAvx2<R, E>(p, w, r, dw);
+  for (; r < r1; ++r) FloatRowsAvx2<1, E>(p, w, r, dw);
 }
 
 template <int G>
@@ -515,6 +565,8 @@ void ScanBlockAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
         int64_t t = 0;
         for (; t + 2 <= p.tiles; t += 2) ScanTilesAvx2<2>(p, w, r0, r1, t);
         if (t < p.tiles) ScanTilesAvx2<1>(p, w, r0, r1, t);
+      } else {
+        FloatManyAvx2<E>(p, w, r0, r1);
       }
       return;
   }
@@ -743,10 +795,18 @@ static int64_t TileOffset(int64_t j, int64_t b, int64_t groups, int64_t lanes = 
   return (((j / lanes) * groups + b / 4) * lanes + j % lanes) * 4 + b % 4;
 }
 
-// A query [Q, D] of float32 as the few-query loops of float rows read it: [Q][dp] float32, 0-padded.
+// Queries [Q, D] float32 as the loops of float rows read them. Few: [Q][dp] float32, 0-padded.
+// Many (AVX2): tiles of 8 queries interleaved by element, [Q/8][D][8] float32, 0-padded.
 static void PackFloat(const float* qs, const Problem& p, std::vector<uint8_t>& packed) {
-  packed.assign(p.q * p.dp, 0);
-  for (int64_t j = 0; j < p.q; ++j) std::memcpy(&packed[j * p.dp], qs + j * p.d, 4 * p.d);
+  if (p.q <= kSmallQ) {
+    packed.assign(p.q * p.dp, 0);
+    for (int64_t j = 0; j < p.q; ++j) std::memcpy(&packed[j * p.dp], qs + j * p.d, 4 * p.d);
+    return;
+  }
+  packed.assign(p.tiles * p.d * 8 * 4, 0);
+  float* out = reinterpret_cast<float*>(packed.data());
+  for (int64_t j = 0; j < p.q; ++j)
+    for (int64_t c = 0; c < p.d; ++c) out[((j / 8) * p.d + c) * 8 + j % 8] = qs[j * p.d + c];
 }
 
 static ffi::Error NoPath(const char* name, int64_t want) {
@@ -820,10 +880,10 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t isa = Resolve(want, IsaMask(1));
   if (isa < 0) return NoPath("bf16_topk", want);
   const float* qs = q.typed_data();
-  if (isa == kIsaAvx2) {  // float32 queries against rows widened exactly: few queries
+  if (isa == kIsaAvx2) {  // float32 queries against rows widened exactly
     auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) { PackFloat(qs, p, packed); };
     using E = FloatAvx2<false>;
-    return ScanTopK("bf16_topk", Kernel{&ScanBlockAvx2<E>, E::kQBytes, 0}, pool, q.dimensions(),
+    return ScanTopK("bf16_topk", Kernel{&ScanBlockAvx2<E>, E::kQBytes, 8}, pool, q.dimensions(),
                     m.dimensions(), 2, m.typed_data(), scale, qmul, bias, out_s, out_i, pack);
   }
   auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
@@ -857,7 +917,7 @@ static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   const float* qs = q.typed_data();
   auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) { PackFloat(qs, p, packed); };
   const Kernel kern = isa == kIsaAvx2
-                          ? Kernel{&ScanBlockAvx2<FloatAvx2<true>>, FloatAvx2<true>::kQBytes, 0}
+                          ? Kernel{&ScanBlockAvx2<FloatAvx2<true>>, FloatAvx2<true>::kQBytes, 8}
                           : Kernel{&ScanBlock<F16>, F16::kQBytes, 0};
   return ScanTopK("f16_topk", kern, pool, q.dimensions(), m.dimensions(), 2, m.typed_data(), scale,
                   qmul, bias, out_s, out_i, pack);
