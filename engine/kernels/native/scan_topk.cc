@@ -493,52 +493,117 @@ AVX2_TARGET inline void MicroAvx2(const Problem& p, Worker& w, int64_t r, int64_
     for (int g = 0; g < G; ++g) Emit8(p, w, r + i, t0 + g, _mm256_cvtepi32_ps(acc[i][g]));
 }
 
-// R float16 / bfloat16 rows, widened to float32 rows of `dw` floats at `wide`, against G tiles
-// of 8 float32 queries packed as [T][D][8]: one broadcast row value meets 8 queries per FMA.
+// R rows (float32, `dw` apart at `wide`) against G tiles of 8 queries (packed [T][D][8] from tile
+// t0 at `qp`) over dimensions [j0, j1), adding to the partial sums at `c` (rows `cs` apart).
 template <int R, int G>
-AVX2_TARGET inline void FloatMicroAvx2(const Problem& p, Worker& w, const float* wide, int64_t dw,
-                                       int64_t r, int64_t t0) {
+AVX2_TARGET inline void FloatPanel(const float* wide, int64_t dw, const float* qp, int64_t d,
+                                   int64_t j0, int64_t j1, float* c, int64_t cs) {
   __m256 acc[R][G];
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
     for (int g = 0; g < G; ++g) acc[i][g] = _mm256_setzero_ps();
-  const float* qp = reinterpret_cast<const float*>(p.qpacked) + t0 * p.d * 8;
-  for (int64_t j = 0; j < p.d; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     __m256 qv[G];
-    for (int g = 0; g < G; ++g) qv[g] = _mm256_loadu_ps(qp + (g * p.d + j) * 8);
+#pragma GCC unroll 2
+    for (int g = 0; g < G; ++g) qv[g] = _mm256_loadu_ps(qp + (g * d + j) * 8);
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const __m256 x = _mm256_broadcast_ss(wide + i * dw + j);
+#pragma GCC unroll 2
       for (int g = 0; g < G; ++g) acc[i][g] = _mm256_fmadd_ps(qv[g], x, acc[i][g]);
     }
   }
+  // Added at the end: accumulators loaded from memory stayed on the stack (GCC 12).
   for (int i = 0; i < R; ++i)
-    for (int g = 0; g < G; ++g) Emit8(p, w, r + i, t0 + g, acc[i][g]);
+    for (int g = 0; g < G; ++g) {
+      float* out = c + i * cs + g * 8;
+      _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), acc[i][g]));
+    }
 }
 
-// R rows widened once, then every tile of queries: pairs of tiles and a last single one.
-template <int R, class E>
-AVX2_TARGET void FloatRowsAvx2(const Problem& p, Worker& w, int64_t r, int64_t dw) {
-  float* wide = w.wide.data();
-  for (int i = 0; i < R; ++i) {
-    const uint8_t* row = p.m + (r + i) * p.row_bytes;
-    for (int64_t c = 0; c < p.row_bytes; c += 32) {
-      const typename E::Row x = E::Prep(LoadRow32(row, c, p.row_bytes));
-      _mm256_storeu_ps(wide + i * dw + c / 2, x.lo);
-      _mm256_storeu_ps(wide + i * dw + c / 2 + 8, x.hi);
+// FloatPanel<6, 2> with twelve named accumulators: as an array, GCC 12 stored all of them to the
+// stack on every step (half the speed).
+AVX2_TARGET void FloatPanel62(const float* wide, int64_t dw, const float* qp, int64_t d,
+                              int64_t j0, int64_t j1, float* c, int64_t cs) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, b0 = a0, b1 = a0,
+         b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+  for (int64_t j = j0; j < j1; ++j) {
+    const __m256 q0 = _mm256_loadu_ps(qp + j * 8), q1 = _mm256_loadu_ps(qp + (d + j) * 8);
+    __m256 x = _mm256_broadcast_ss(wide + j);
+    a0 = _mm256_fmadd_ps(q0, x, a0);
+    b0 = _mm256_fmadd_ps(q1, x, b0);
+    x = _mm256_broadcast_ss(wide + dw + j);
+    a1 = _mm256_fmadd_ps(q0, x, a1);
+    b1 = _mm256_fmadd_ps(q1, x, b1);
+    x = _mm256_broadcast_ss(wide + 2 * dw + j);
+    a2 = _mm256_fmadd_ps(q0, x, a2);
+    b2 = _mm256_fmadd_ps(q1, x, b2);
+    x = _mm256_broadcast_ss(wide + 3 * dw + j);
+    a3 = _mm256_fmadd_ps(q0, x, a3);
+    b3 = _mm256_fmadd_ps(q1, x, b3);
+    x = _mm256_broadcast_ss(wide + 4 * dw + j);
+    a4 = _mm256_fmadd_ps(q0, x, a4);
+    b4 = _mm256_fmadd_ps(q1, x, b4);
+    x = _mm256_broadcast_ss(wide + 5 * dw + j);
+    a5 = _mm256_fmadd_ps(q0, x, a5);
+    b5 = _mm256_fmadd_ps(q1, x, b5);
+  }
+  const __m256 a[6] = {a0, a1, a2, a3, a4, a5}, b[6] = {b0, b1, b2, b3, b4, b5};
+  for (int i = 0; i < 6; ++i) {
+    float* out = c + i * cs;
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), a[i]));
+    _mm256_storeu_ps(out + 8, _mm256_add_ps(_mm256_loadu_ps(out + 8), b[i]));
+  }
+}
+
+template <int G>
+AVX2_TARGET void FloatPanels(const float* wide, int64_t dw, const float* qp, int64_t d, int64_t j0,
+                             int64_t j1, float* c, int64_t cs, int64_t m) {
+  int64_t i = 0;  // 6 rows x 2 tiles: 12 accumulators, 2 query vectors and a broadcast
+  for (; i + 6 <= m; i += 6) {
+    if constexpr (G == 2) {
+      FloatPanel62(wide + i * dw, dw, qp, d, j0, j1, c + i * cs, cs);
+    } else {
+      FloatPanel<6, G>(wide + i * dw, dw, qp, d, j0, j1, c + i * cs, cs);
     }
   }
-  int64_t t = 0;
-  for (; t + 2 <= p.tiles; t += 2) FloatMicroAvx2<R, 2>(p, w, wide, dw, r, t);
-  if (t < p.tiles) FloatMicroAvx2<R, 1>(p, w, wide, dw, r, t);
+  for (; i < m; ++i) FloatPanel<1, G>(wide + i * dw, dw, qp, d, j0, j1, c + i * cs, cs);
 }
 
+// Many queries over float16 / bfloat16 rows: groups of kRows rows are widened to float32 once,
+// then multiplied with every tile of queries kDepth dimensions at a time (a GEMM blocking: the
+// queries' slice and the rows' slice stay in L1, the partial sums of the group in L2).
 template <class E>
 AVX2_TARGET void FloatManyAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
-  constexpr int R = 6;  // 12 accumulators, 2 query vectors and a broadcast: 15 registers
-  const int64_t dw = (p.d + 15) / 16 * 16;
-  w.wide.resize(R * dw);
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) FloatRowsAvx2<R, E>(p, w, r, dw);
-  for (; r < r1; ++r) FloatRowsAvx2<1, E>(p, w, r, dw);
+  constexpr int64_t kRows = 48, kDepth = 128;
+  const int64_t dw = (p.d + 15) / 16 * 16, cs = p.tiles * 8;
+  w.wide.resize(kRows * (dw + cs));
+  float* wide = w.wide.data();
+  float* c = wide + kRows * dw;
+  const float* qp = reinterpret_cast<const float*>(p.qpacked);
+  for (int64_t r = r0; r < r1; r += kRows) {
+    const int64_t m = std::min(kRows, r1 - r);
+    for (int64_t i = 0; i < m; ++i) {
+      const uint8_t* row = p.m + (r + i) * p.row_bytes;
+      for (int64_t b = 0; b < p.row_bytes; b += 32) {
+        const typename E::Row x = E::Prep(LoadRow32(row, b, p.row_bytes));
+        _mm256_storeu_ps(wide + i * dw + b / 2, x.lo);
+        _mm256_storeu_ps(wide + i * dw + b / 2 + 8, x.hi);
+      }
+    }
+    std::fill(c, c + m * cs, 0.0f);
+    for (int64_t j0 = 0; j0 < p.d; j0 += kDepth) {
+      const int64_t j1 = std::min(p.d, j0 + kDepth);
+      int64_t t = 0;
+      for (; t + 2 <= p.tiles; t += 2)
+        FloatPanels<2>(wide, dw, qp + t * p.d * 8, p.d, j0, j1, c + t * 8, cs, m);
+      if (t < p.tiles) FloatPanels<1>(wide, dw, qp + t * p.d * 8, p.d, j0, j1, c + t * 8, cs, m);
+    }
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t t = 0; t < p.tiles; ++t)
+        Emit8(p, w, r + i, t, _mm256_loadu_ps(c + i * cs + t * 8));
+  }
 }
 
 template <int G>
