@@ -410,6 +410,16 @@ def test_a_cache_writable_by_others_is_refused(fresh, monkeypatch, caplog, where
   assert "untrusted cache" in line and "writable by group or others" in line
 
 
+def test_a_library_linked_from_outside_the_cache_is_refused(fresh, tmp_path):
+  _, _ = fresh
+  lib = native.build()
+  outside = tmp_path / "elsewhere.so"
+  outside.write_bytes(lib.read_bytes())
+  lib.unlink()
+  lib.symlink_to(outside)
+  assert "lies outside the cache" in native.verify(lib)
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user needs root")
 def test_a_cache_owned_by_another_user_is_refused(fresh):
   root, _ = fresh

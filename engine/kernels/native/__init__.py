@@ -113,21 +113,21 @@ def _untrusted(path: Path, root: Path) -> str | None:
   Every folder from `root` down to `path` must be owned by this user and not writable by group or
   others: anyone else who can write there can replace the library and its digest together.
   """
-  chain = [path]
-  while chain[-1] != root and chain[-1].parent != chain[-1]:
-    chain.append(chain[-1].parent)
+  path, root = path.resolve(), root.resolve()  # symbolic links: judge what they point to
+  if path != root and root not in path.parents:
+    return f"{path} lies outside the cache {root}"
+  chain = [path, *[p for p in path.parents if p == root or root in p.parents]]
   uid = os.getuid()
   for p in chain:
     try:
-      st = os.lstat(p)
+      st = os.stat(p)
     except FileNotFoundError:
       continue
-    if stat.S_ISLNK(st.st_mode):
-      return f"{p} is a symbolic link"
     if st.st_uid != uid:
       return f"{p} is owned by another user (uid {st.st_uid})"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-      return f"{p} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+      mode = stat.S_IMODE(st.st_mode)
+      return f"{p} is writable by group or others (mode {mode:o}; `chmod go-w {p}` if it is yours)"
   return None
 
 
