@@ -8,6 +8,7 @@ where this machine runs no path of the kernel; the build, trust and fallback tes
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -284,6 +285,24 @@ def test_kernel_rejects_what_it_cannot_scan(built):
       native.scan_topk(
         np.ones((2, 8), np.int8), np.ones((50, 8), np.int8), ones, ones[:2], ones, 3, isa=isa
       )
+
+
+@pytest.mark.skipif(
+  not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
+  reason="needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt-get install g++-aarch64-linux-gnu "
+  "qemu-user)",
+)
+@pytest.mark.parametrize("march", ["armv8-a", "armv8.2-a+dotprod"])
+def test_neon_loops_under_qemu(tmp_path, march):
+  # The AArch64 loops, cross-compiled with and without sdot, against references under emulation.
+  exe = tmp_path / "neon_check"
+  src = native.SOURCE.with_name("neon_check.cc")
+  flags = ["-O2", "-std=c++17", "-ffp-contract=off", f"-march={march}", "-static", "-w"]
+  include = [f"-I{jax.ffi.include_dir()}", f"-I{native.SOURCE.parent}"]
+  subprocess.run(["aarch64-linux-gnu-g++", *flags, *include, str(src), "-o", str(exe)], check=True)
+  out = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert out.stdout.count(": ok") == 27
 
 
 # ---- build, trust and fallback: these run on every CPU ----

@@ -12,12 +12,15 @@ products and says so once; building lazily inside a search would put a compiler 
 seconds, and its failure modes, inside the first query of a service.
 
 Run-time CPU dispatch. The CPU's features are read first (/proc/cpuinfo); a CPU that runs none
-of the kernels' instruction sets (AVX2 + FMA + F16C, or AVX-512) gets no compiler run at all. The
-one library holds the AVX2 and the AVX-512 loops (per-function target attributes, baseline code
-elsewhere) and each call takes the best one the CPU has, unless `isa` names another (tests):
+of the kernels' instruction sets (AVX2 + FMA + F16C, AVX-512, AArch64 NEON) gets no compiler run at
+all. On x86-64 the one library holds the AVX2 and the AVX-512 loops (per-function target
+attributes, baseline code elsewhere) and each call takes the best one the CPU has, unless `isa`
+names another (tests):
   * int8: AVX512-VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd);
   * bfloat16: AVX512-BF16 (vdpbf16ps), else AVX2 (rows widened by a shift, FMA);
   * float16: AVX-512 (few queries), else AVX2 + F16C (vcvtph2ps, FMA).
+On AArch64 NEON loops serve up to 8 queries (int8 with sdot when the CPU has it: the library is then
+built with +dotprod; bfloat16 and float16 widened exactly, FMA); larger batches run XLA's products.
 
 Cache trust. The library lives in `native/` of the engine's cache (`$VGG_RETRIEVAL_CACHE`, default
 `~/.cache/vgg-retrieval`), named by a key of the source, jaxlib, the compiler and its flags, with a
@@ -60,10 +63,11 @@ DTYPES = ("int8", "bfloat16", "float16")
 # /proc/cpuinfo flags it needs). The codes are scan_topk.cc's kIsa*.
 _AVX2 = frozenset({"avx2", "fma", "f16c"})
 _AVX512 = frozenset({"avx512f", "avx512bw"})
+_NEON = ("neon", 3, frozenset({"asimd"}))  # AArch64; int8 uses sdot where the CPU has asimddp
 ISAS = {
-  "int8": (("avx512-vnni", 2, _AVX512 | {"avx512_vnni"}), ("avx2", 1, _AVX2)),
-  "bfloat16": (("avx512-bf16", 2, _AVX512 | {"avx512_bf16"}), ("avx2", 1, _AVX2)),
-  "float16": (("avx512", 2, _AVX512), ("avx2", 1, _AVX2)),
+  "int8": (("avx512-vnni", 2, _AVX512 | {"avx512_vnni"}), ("avx2", 1, _AVX2), _NEON),
+  "bfloat16": (("avx512-bf16", 2, _AVX512 | {"avx512_bf16"}), ("avx2", 1, _AVX2), _NEON),
+  "float16": (("avx512", 2, _AVX512), ("avx2", 1, _AVX2), _NEON),
 }
 # Queries per call of the few-query-only paths (the others take any number).
 FEW_QUERIES = 8
@@ -131,6 +135,14 @@ def _untrusted(path: Path, root: Path) -> str | None:
   return None
 
 
+def _flags(cpu: frozenset[str]) -> tuple[str, ...]:
+  """Compiler flags: baseline code everywhere (the x86 kernels carry their own target attributes);
+  on AArch64 the int8 loop is built with sdot only for a CPU that has it."""
+  if platform.machine().lower() in ("aarch64", "arm64") and "asimddp" in cpu:
+    return (*_FLAGS, "-march=armv8.2-a+dotprod")
+  return _FLAGS
+
+
 def _key(cxx: str) -> str:
   import jax
   import jaxlib
@@ -141,7 +153,7 @@ def _key(cxx: str) -> str:
     SOURCE.read_bytes(),
     jaxlib.__version__.encode(),
     version.encode(),
-    str(_FLAGS).encode(),
+    str(_flags(cpu_flags())).encode(),
     jax.ffi.include_dir().encode(),
   ):
     digest.update(part)
@@ -183,7 +195,7 @@ def _compile(cxx: str, out: Path) -> None:
   import jax
 
   proc = subprocess.run(
-    [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)],
+    [cxx, *_flags(cpu_flags()), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)],
     capture_output=True,
     text=True,
   )
@@ -193,10 +205,10 @@ def _compile(cxx: str, out: Path) -> None:
 
 def _cannot_run(flags: frozenset[str]) -> str | None:
   """Why no kernel of the library runs on this machine, or None."""
-  if platform.machine().lower() not in ("x86_64", "amd64"):
-    return f"the kernels are for x86-64 (this machine: {platform.machine()})"
+  if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+    return f"the kernels are for x86-64 and AArch64 (this machine: {platform.machine()})"
   if not any(_paths(d, flags) for d in DTYPES):
-    return "this CPU has neither AVX2 + FMA + F16C nor AVX-512"
+    return "this CPU has neither AVX2 + FMA + F16C nor AVX-512 (nor NEON)"
   return None
 
 
@@ -283,7 +295,7 @@ def _probe(flags: frozenset[str]) -> _State:
     codes = {name: code for name, code, _ in ISAS[dtype]}
     paths[dtype] = [p for p in _paths(dtype, flags) if mask >> codes[p] & 1]
     if not paths[dtype]:
-      reasons[dtype] = "this CPU lacks " + " and ".join(name.upper() for name, _, _ in ISAS[dtype])
+      reasons[dtype] = "this CPU lacks " + " or ".join(name.upper() for name, _, _ in ISAS[dtype])
       continue
     if _TARGETS[dtype] not in _registered:  # once per process: XLA keeps the first handler
       handler = jax.ffi.pycapsule(getattr(lib, _HANDLERS[dtype]))

@@ -32,7 +32,12 @@
 // Rows are split into blocks shared by XLA's intra-op thread pool and the calling thread.
 // Ties are broken towards the lower row number, so the result does not depend on the threads.
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -60,15 +65,18 @@ constexpr int64_t kBlockRows = 2048;    // rows per unit of work handed to a thr
 constexpr int64_t kPrefetchBytes = 8192;  // software prefetch distance along the rows
 static_assert(kMaxTiles == 4, "ScanMany dispatches groups of 1 to 4 tiles");
 
+#if defined(__x86_64__)
 // The kernels are compiled for these extensions and only called after a runtime check of the one
 // their element type needs (VNNI for int8, BF16 for bfloat16).
 #define KERNEL_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512bf16")))
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#endif
 
 // The `isa` attribute of the handlers: 0 the best this CPU runs.
 constexpr int64_t kIsaAvx2 = 1;
 constexpr int64_t kIsaAvx512 = 2;
+constexpr int64_t kIsaNeon = 3;  // AArch64: Advanced SIMD (sdot where the library was built with it)
 
 struct Cand {
   float s;
@@ -115,6 +123,7 @@ struct Heap {
   }
 };
 
+#if defined(__x86_64__)
 // One element type: how 4 bytes of a row meet 4 bytes of a packed query.
 struct Int8 {
   using Acc = __m512i;
@@ -169,6 +178,8 @@ struct F16 {
   KERNEL_TARGET static float Score(Acc a, int32_t) { return _mm512_reduce_add_ps(a); }
 };
 
+#endif  // __x86_64__
+
 struct Problem {
   const uint8_t* m;        // [N, row_bytes]
   const float* scale;
@@ -195,6 +206,7 @@ struct Worker {
   }
 };
 
+#if defined(__x86_64__)
 KERNEL_TARGET inline __m512i LoadRow(const uint8_t* p, int64_t j, int64_t bytes) {
   if (j + 64 <= bytes) return _mm512_loadu_si512(p + j);
   return _mm512_maskz_loadu_epi8(~0ULL >> (64 - (bytes - j)), p + j);
@@ -688,6 +700,96 @@ void ScanBlockAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
   }
 }
 
+#elif defined(__aarch64__)
+// ---- AArch64 Advanced SIMD: 16 bytes of a row at a time, few queries ----
+
+inline uint8x16_t LoadRow16(const uint8_t* p, int64_t j, int64_t bytes) {
+  if (j + 16 <= bytes) return vld1q_u8(p + j);
+  uint8_t tail[16] = {};
+  std::memcpy(tail, p + j, bytes - j);
+  return vld1q_u8(tail);
+}
+
+// int8 rows against signed queries: sdot (built with +dotprod, where the CPU has it) or widening
+// multiplies and pairwise adds; both the exact integer dot.
+struct Int8Neon {
+  using Acc = int32x4_t;
+  static constexpr int kQBytes = 64;
+  static Acc Zero() { return vdupq_n_s32(0); }
+  static Acc DotRow(Acc a, const uint8_t* q, uint8x16_t xu) {
+    const int8x16_t qv = vld1q_s8(reinterpret_cast<const int8_t*>(q)), x = vreinterpretq_s8_u8(xu);
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(a, qv, x);
+#else
+    a = vpadalq_s16(a, vmull_s8(vget_low_s8(qv), vget_low_s8(x)));
+    return vpadalq_s16(a, vmull_high_s8(qv, x));
+#endif
+  }
+  static float Score(Acc a) { return float(vaddvq_s32(a)); }
+};
+
+// bfloat16 (a 16-bit shift) and float16 (fcvtl) rows, widened exactly, against float32 queries.
+template <bool kHalf>
+struct FloatNeon {
+  using Acc = float32x4_t;
+  static constexpr int kQBytes = 128;
+  static Acc Zero() { return vdupq_n_f32(0.0f); }
+  static Acc DotRow(Acc a, const uint8_t* q, uint8x16_t x) {
+    const float* qf = reinterpret_cast<const float*>(q);
+    float32x4_t lo, hi;
+    if constexpr (kHalf) {
+      const float16x8_t h = vreinterpretq_f16_u8(x);
+      lo = vcvt_f32_f16(vget_low_f16(h));
+      hi = vcvt_high_f32_f16(h);
+    } else {
+      const uint16x8_t u = vreinterpretq_u16_u8(x);
+      lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(u), 16));
+      hi = vreinterpretq_f32_u32(vshll_high_n_u16(u, 16));
+    }
+    a = vfmaq_f32(a, vld1q_f32(qf), lo);
+    return vfmaq_f32(a, vld1q_f32(qf + 4), hi);
+  }
+  static float Score(Acc a) { return vaddvq_f32(a); }
+};
+
+template <int Q, class E>
+void ScanSmallNeon(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  float qm[Q];
+  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.m + r * p.row_bytes;
+    typename E::Acc acc[Q];
+    for (int j = 0; j < Q; ++j) acc[j] = E::Zero();
+    for (int64_t c = 0; c < p.row_bytes; c += 16) {
+      if (c % 64 == 0) __builtin_prefetch(row + kPrefetchBytes + c);
+      const uint8x16_t x = LoadRow16(row, c, p.row_bytes);
+      for (int j = 0; j < Q; ++j)
+        acc[j] = E::DotRow(acc[j], p.qpacked + j * p.dp + c * (E::kQBytes / 64), x);
+    }
+    const float sc = p.scale[r], b = p.bias[r];
+    for (int j = 0; j < Q; ++j) {
+      float s = E::Score(acc[j]) * sc * qm[j] + b;
+      if (s >= w.thr[j]) w.heaps[j].Push(s, int32_t(r));
+    }
+  }
+}
+
+template <class E>
+void ScanBlockNeon(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  switch (p.q) {
+    case 1: ScanSmallNeon<1, E>(p, w, r0, r1); return;
+    case 2: ScanSmallNeon<2, E>(p, w, r0, r1); return;
+    case 3: ScanSmallNeon<3, E>(p, w, r0, r1); return;
+    case 4: ScanSmallNeon<4, E>(p, w, r0, r1); return;
+    case 5: ScanSmallNeon<5, E>(p, w, r0, r1); return;
+    case 6: ScanSmallNeon<6, E>(p, w, r0, r1); return;
+    case 7: ScanSmallNeon<7, E>(p, w, r0, r1); return;
+    case 8: ScanSmallNeon<8, E>(p, w, r0, r1); return;
+    default: return;  // the handlers keep Q <= kSmallQ
+  }
+}
+#endif  // __aarch64__
+
 // Work shared between the calling thread and pool tasks; tasks that start after the work is gone
 // return at once, so no one waits for a task the pool never runs.
 struct Shared {
@@ -718,6 +820,7 @@ struct Shared {
   }
 };
 
+#if defined(__x86_64__)
 bool Avx512Bw() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
@@ -739,11 +842,20 @@ int IsaMask(int dtype) {
   if (Avx512Bw() && ext) mask |= 1 << kIsaAvx512;
   return mask;
 }
+#elif defined(__aarch64__)
+int IsaMask(int dtype) { return dtype >= 0 && dtype <= 2 ? 1 << kIsaNeon : 0; }  // NEON is base
+#else
+int IsaMask(int) { return 0; }
+#endif
 
 // The path a call runs: the best of `mask` when `want` is 0, else `want` if the CPU has it; -1: none.
 int64_t Resolve(int64_t want, int mask) {
-  if (want == 0) return mask >> kIsaAvx512 & 1 ? kIsaAvx512 : mask >> kIsaAvx2 & 1 ? kIsaAvx2 : -1;
-  return (want == kIsaAvx2 || want == kIsaAvx512) && (mask >> want & 1) ? want : -1;
+  if (want == 0) {
+    for (int64_t isa : {kIsaAvx512, kIsaAvx2, kIsaNeon})
+      if (mask >> isa & 1) return isa;
+    return -1;
+  }
+  return want > 0 && want <= kIsaNeon && (mask >> want & 1) ? want : -1;
 }
 
 // One scan loop and the query layout it reads.
@@ -842,6 +954,7 @@ extern "C" int vgg_topk_isas(int dtype) { return IsaMask(dtype); }
 // The instruction ceiling of the int8 path in use, one thread for about `seconds`, in GOP/s (one
 // multiply-add = 2 operations): 12 independent vpdpbusd (VNNI), or 6 independent vpmaddubsw +
 // vpmaddwd + vpaddd (AVX2). Benchmarks run it on every core at once for the floor.
+#if defined(__x86_64__)
 static VNNI_TARGET double VnniPeak(int64_t iters) {
   const __m512i a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x01010101);
   // Twelve named accumulators (an array would live on the stack and time store forwarding).
@@ -893,13 +1006,43 @@ static AVX2_TARGET double Avx2Peak(int64_t iters) {
   return double(iters) * 6 * 32 * 2;
 }
 
+#elif defined(__aarch64__)
+static double NeonPeak(int64_t iters) {  // 8 independent chains of the int8 dot of Int8Neon
+  int8x16_t a = vdupq_n_s8(3);
+  int32x4_t c0 = vdupq_n_s32(0), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(&a);
+  for (int64_t i = 0; i < iters; ++i) {
+    __asm__ volatile("" : "+w"(a));
+    const uint8x16_t x = vreinterpretq_u8_s8(a);
+    c0 = Int8Neon::DotRow(c0, q, x);
+    c1 = Int8Neon::DotRow(c1, q, x);
+    c2 = Int8Neon::DotRow(c2, q, x);
+    c3 = Int8Neon::DotRow(c3, q, x);
+    c4 = Int8Neon::DotRow(c4, q, x);
+    c5 = Int8Neon::DotRow(c5, q, x);
+    c6 = Int8Neon::DotRow(c6, q, x);
+    c7 = Int8Neon::DotRow(c7, q, x);
+    __asm__ volatile("" : "+w"(c0), "+w"(c1), "+w"(c2), "+w"(c3), "+w"(c4), "+w"(c5), "+w"(c6),
+                     "+w"(c7));
+  }
+  volatile int32_t sink = vaddvq_s32(vaddq_s32(vaddq_s32(vaddq_s32(c0, c1), vaddq_s32(c2, c3)),
+                                               vaddq_s32(vaddq_s32(c4, c5), vaddq_s32(c6, c7))));
+  (void)sink;
+  return double(iters) * 8 * 16 * 2;
+}
+#endif
+
 extern "C" double vgg_int8_peak_gops(double seconds) {
   const int64_t isa = Resolve(0, IsaMask(0));
   if (isa < 0) return 0.0;
   const auto t0 = std::chrono::steady_clock::now();
   double ops = 0, sec = 0;
   while (sec < seconds) {
+#if defined(__x86_64__)
     ops += isa == kIsaAvx512 ? VnniPeak(1 << 16) : Avx2Peak(1 << 16);
+#elif defined(__aarch64__)
+    ops += NeonPeak(1 << 16);
+#endif
     sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   return ops / sec / 1e9;
@@ -927,7 +1070,10 @@ static void PackFloat(const float* qs, const Problem& p, std::vector<uint8_t>& p
 
 static ffi::Error NoPath(const char* name, int64_t want) {
   return ffi::Error::Internal(std::string(name) + ": this CPU runs no " +
-                              (want == kIsaAvx2 ? "AVX2" : want == kIsaAvx512 ? "AVX-512" : "") +
+                              (want == kIsaAvx2     ? "AVX2"
+                               : want == kIsaAvx512 ? "AVX-512"
+                               : want == kIsaNeon   ? "NEON"
+                                                    : "") +
                               " path of this kernel");
 }
 
@@ -938,6 +1084,15 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
   const int64_t isa = Resolve(want, IsaMask(0));
   if (isa < 0) return NoPath("int8_topk", want);
   const int8_t* qs = q8.typed_data();
+#if defined(__aarch64__)
+  auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {  // signed, few queries
+    packed.assign(p.q * p.dp, 0);
+    for (int64_t j = 0; j < p.q; ++j) std::memcpy(&packed[j * p.dp], qs + j * p.d, p.d);
+  };
+  return ScanTopK("int8_topk", Kernel{&ScanBlockNeon<Int8Neon>, Int8Neon::kQBytes, 0}, pool,
+                  q8.dimensions(), m.dimensions(), 1, m.typed_data(), scale, qmul, bias, out_s,
+                  out_i, pack);
+#elif defined(__x86_64__)
   if (isa == kIsaAvx2) {  // signed queries; tiles of 8 for many
     auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
       const int64_t nq = p.q, d = p.d;
@@ -973,6 +1128,9 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
   };
   return ScanTopK("int8_topk", Kernel{&ScanBlock<Int8>, Int8::kQBytes, 16}, pool, q8.dimensions(),
                   m.dimensions(), 1, m.typed_data(), scale, qmul, bias, out_s, out_i, pack);
+#else
+  return NoPath("int8_topk", want);
+#endif
 }
 
 // Round-to-nearest-even float32 -> bfloat16 bits (queries are finite).
@@ -996,6 +1154,12 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t isa = Resolve(want, IsaMask(1));
   if (isa < 0) return NoPath("bf16_topk", want);
   const float* qs = q.typed_data();
+#if defined(__aarch64__)
+  auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) { PackFloat(qs, p, packed); };
+  return ScanTopK("bf16_topk", Kernel{&ScanBlockNeon<FloatNeon<false>>, 128, 0}, pool,
+                  q.dimensions(), m.dimensions(), 2, m.typed_data(), scale, qmul, bias, out_s,
+                  out_i, pack);
+#elif defined(__x86_64__)
   if (isa == kIsaAvx2) {  // float32 queries against rows widened exactly
     auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) { PackFloat(qs, p, packed); };
     using E = FloatAvx2<false>;
@@ -1022,6 +1186,9 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   };
   return ScanTopK("bf16_topk", Kernel{&ScanBlock<Bf16>, Bf16::kQBytes, 16}, pool, q.dimensions(),
                   m.dimensions(), 2, m.typed_data(), scale, qmul, bias, out_s, out_i, pack);
+#else
+  return NoPath("bf16_topk", want);
+#endif
 }
 
 static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> m,
@@ -1032,9 +1199,15 @@ static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   if (isa < 0) return NoPath("f16_topk", want);
   const float* qs = q.typed_data();
   auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) { PackFloat(qs, p, packed); };
+#if defined(__aarch64__)
+  const Kernel kern{&ScanBlockNeon<FloatNeon<true>>, 128, 0};
+#elif defined(__x86_64__)
   const Kernel kern = isa == kIsaAvx2
                           ? Kernel{&ScanBlockAvx2<FloatAvx2<true>>, FloatAvx2<true>::kQBytes, 8}
                           : Kernel{&ScanBlock<F16>, F16::kQBytes, 0};
+#else
+  return NoPath("f16_topk", want);
+#endif
   return ScanTopK("f16_topk", kern, pool, q.dimensions(), m.dimensions(), 2, m.typed_data(), scale,
                   qmul, bias, out_s, out_i, pack);
 }
