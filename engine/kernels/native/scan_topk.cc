@@ -1,4 +1,4 @@
-// Fused brute-force scan + top-k for x86 CPUs, called from XLA as FFI custom calls.
+// Fused brute-force scan + top-k for x86-64 and AArch64 CPUs, called from XLA as FFI custom calls.
 // Python's one face of it: engine/kernels/native/__init__.py (build, CPU dispatch, FFI calls).
 //
 // For every query q and row r of an int8, bfloat16 or float16 matrix it computes
@@ -18,17 +18,21 @@
 //   * int8: vpmaddubsw(|row|, sign(query, row)) then vpmaddwd with ones, s32 sums: exact, the
 //     same integer dot (|row| <= 128 and |query| <= 127: a pair sums to <= 32512, no saturation).
 //   * bfloat16 (widened by a 16-bit shift) and float16 (vcvtph2ps): vfmadd with float32 queries,
-//     exact widening, few queries only.
+//     exact widening.
+// And on AArch64 (few queries): int8 with sdot (built with +dotprod) or vmull + vpadal, bfloat16
+// and float16 widened exactly, vfma.
 // Each handler takes the best path the CPU runs (or the one its `isa` attribute names, for tests):
 // the AVX-512 and AVX2 functions carry their own target attributes, everything else is baseline
 // x86-64, so the library loads on any x86-64 CPU and runs only what the CPU has.
-// Two inner loops:
-//   * Few queries (Q <= kSmallQ): one row at a time, 64 bytes per instruction, a horizontal sum per
-//     row: memory-bound.
+// Inner loops:
+//   * Few queries (Q <= kSmallQ): one row at a time, 64 (AVX2: 32, NEON: 16) bytes per
+//     instruction, a horizontal sum per row: memory-bound.
 //   * Many queries: lanes are queries. Queries are packed as [Q/16][D bytes/4][16][4]; each 4-byte
 //     group of a row is broadcast and multiplied with 16 queries at once, 4-12 rows by up to
 //     kMaxTiles tiles of 16 queries in registers (a GEMM micro-kernel).
 //   * Many int8 queries with AVX2: the same with tiles of 8 queries, 3 rows x 2 tiles in registers.
+//   * Many float16 / bfloat16 queries with AVX2: 48 rows widened to float32 once, then a float32
+//     GEMM blocking (6 rows x 2 tiles of 8 queries, 128 dimensions per pass).
 // Rows are split into blocks shared by XLA's intra-op thread pool and the calling thread.
 // Ties are broken towards the lower row number, so the result does not depend on the threads.
 
