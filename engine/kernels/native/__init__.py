@@ -324,13 +324,20 @@ def _describe(state: _State) -> str:
   return f"native scan kernels in use for {', '.join(on)}; not for {'; '.join(parts)}"
 
 
+def _path_for(dtype: str, queries: int, isa: str | None = None) -> str | None:
+  """The best path here (or `isa`, if it runs here) that scans `queries` queries per call."""
+  for path in _load().paths.get(dtype, []):
+    if isa in (None, path) and (queries <= FEW_QUERIES or (dtype, path) in MANY_QUERIES):
+      return path
+  return None
+
+
 def available(dtype: str = "int8", queries: int = 1) -> bool:
   """True when a native scan kernel for rows of `dtype` and `queries` queries per call runs here.
 
   Never compiles: it loads a library that `build()` made earlier, after checking it.
   """
-  paths = _load().paths.get(dtype, [])
-  return bool(paths) and (queries <= FEW_QUERIES or (dtype, paths[0]) in MANY_QUERIES)
+  return _path_for(dtype, queries) is not None
 
 
 def isa(dtype: str) -> str | None:
@@ -353,7 +360,7 @@ def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = 
     matrix: [N, D] int8, bfloat16 or float16; D * itemsize a multiple of 4, D <= 65536.
     scales, bias: [N] float32 (bias -inf drops a row); qmul: [Q] float32.
     k: results per query, at most N.
-    isa: one of `paths(dtype)` to force that path; None takes the best.
+    isa: one of `paths(dtype)` to force that path; None takes the best one for Q queries.
 
   Returns:
     scores [Q, k] float32 best first, and ids [Q, k] int32 (-inf / -1 where fewer rows scored).
@@ -367,17 +374,18 @@ def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = 
 
   dtype = jnp.dtype(matrix.dtype).name
   q = queries.shape[0]
-  if not available(dtype, q):
-    raise RuntimeError(f"no native {dtype} kernel for {q} queries here: {status()}")
-  codes = {name: code for name, code, _ in ISAS[dtype]}
   if isa is not None and isa not in paths(dtype):
     raise RuntimeError(f"the {isa} path of the {dtype} kernel does not run here: {status()}")
+  path = _path_for(dtype, q, isa)
+  if path is None:
+    raise RuntimeError(f"no native {dtype} kernel for {q} queries here: {status()}")
+  codes = {name: code for name, code, _ in ISAS[dtype]}
   out = (
     jax.ShapeDtypeStruct((q, k), jnp.float32),
     jax.ShapeDtypeStruct((q, k), jnp.int32),
   )
   call = jax.ffi.ffi_call(_TARGETS[dtype], out, vmap_method="sequential")
-  return call(queries, matrix, scales, qmul, bias, isa=np.int64(codes[isa] if isa else 0))
+  return call(queries, matrix, scales, qmul, bias, isa=np.int64(codes[path]))
 
 
 def int8_peak_gops(threads: int, seconds: float = 0.3) -> float:
