@@ -378,6 +378,15 @@ def test_build_records_a_digest_and_reuses_a_verified_library(fresh):
   assert not (root / "native").stat().st_mode & 0o077
 
 
+def test_a_group_writable_umask_still_yields_a_trusted_library(fresh, monkeypatch):
+  from engine.common import fileio
+
+  monkeypatch.setattr(fileio, "UMASK", 0o002)
+  lib = native.build()
+  assert native.verify(lib) is None
+  assert not lib.stat().st_mode & 0o022
+
+
 def test_a_truncated_library_is_refused_then_rebuilt(fresh):
   root, runs = fresh
   lib = native.build()

@@ -242,6 +242,8 @@ def build() -> Path:
   # digest, which `verify` refuses, never a torn library that loads.
   fileio.atomic_write(out, lambda f: f.write(data))
   fileio.atomic_write_text(_digest_path(out), f"{hashlib.sha256(data).hexdigest()}  {out.name}\n")
+  for path in (out, _digest_path(out)):  # a umask of 002 would leave them group-writable: refused
+    os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & ~0o022)
   _forget_missing()
   return out
 
