@@ -358,7 +358,8 @@ def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = 
   qmul[q] + bias[r]`, ties to the lower row (an `jax.ffi.ffi_call`; works under jit and vmap).
 
   Args:
-    queries: [Q, D] int8 for an int8 matrix, else float32.
+    queries: [Q, D] int8 in [-127, 127] for an int8 matrix (as `topk` quantises them; the AVX2
+      path's sign trick needs it), else float32.
     matrix: [N, D] int8, bfloat16 or float16; D * itemsize a multiple of 4, D <= 65536.
     scales, bias: [N] float32 (bias -inf drops a row); qmul: [Q] float32.
     k: results per query, at most N.
