@@ -4,8 +4,9 @@ For every storage dtype (float32, float16, bfloat16, int8) and Q in {1, 100}: qu
 GB/s (bytes of the stored matrix scanned per second) and recall@10 against an exact float64-checked
 float32 search, in RAM (host arrays streamed through the kernel) and from a memory-mapped index
 (`engine.store.Index`, warm page cache). Medians of several timed runs after a warm-up; compile time
-(first call minus the median) reported separately. Floors: bytes / 30 GB/s (memory) and FLOPs /
-measured peak (matrix units). Prints a table last and writes JSON with --output.
+(first call minus the median) reported separately. Floors: bytes / the read bandwidth measured at
+start (`read_gbps`) and FLOPs / measured peak (matrix units). Prints a table last and writes JSON
+with --output.
 
   python -m bench.search --n 1000000 --output /tmp/topk_lib.json
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -39,7 +41,9 @@ _SPREAD = flags.DEFINE_float("spread", 0.35, "Within-cluster noise relative to t
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "float16", "bfloat16", "int8"], "Storage dtypes.")
 _RERANK = flags.DEFINE_integer("rerank", 40, "Candidates re-scored from float32 (int8 row).")
-_MEM_BW = flags.DEFINE_float("mem_gbps", 30.0, "Measured memory read bandwidth for the floor.")
+_MEM_BW = flags.DEFINE_float(
+  "mem_gbps", 0.0, "Memory read bandwidth for the floor, GB/s; 0: measured at start (read_gbps)."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the index files (default: tmp).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 _SKIP_MMAP = flags.DEFINE_bool("skip_mmap", False, "Skip the memory-mapped index runs.")
@@ -120,9 +124,36 @@ def peak_gflops() -> dict:
   )
   t, _ = timed(lambda: g(ab, bb), 3)
   out["jax_bf16"] = 2 * 128 * 512 * 65536 / t / 1e9
-  if native.available():  # the VNNI instruction ceiling of the native kernel, all cores at once
-    out["vnni_int8"] = native.vnni_peak_gops(len(os.sched_getaffinity(0)))
+  if native.available():  # the instruction ceiling of the native int8 path, all cores at once
+    out[f"native_int8_{native.isa('int8')}"] = native.int8_peak_gops(len(os.sched_getaffinity(0)))
   return out
+
+
+def cpu_line() -> str:
+  """The CPU model and the extensions the kernels care about (AVX2, AVX-512 VNNI/BF16, AMX)."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    model = names[0] if names else model
+  except OSError:
+    pass
+  flags = native.cpu_flags()
+  wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+  have = [f for f in wanted if f in flags] or ["none of " + ", ".join(wanted)]
+  return f"CPU: {model}, {os.cpu_count()} logical CPUs; {' '.join(have)}"
+
+
+def read_gbps(nbytes: int = 1 << 30) -> float:
+  """Measured read bandwidth: an OR-reduce over `nbytes` in RAM, split over all cores (numpy
+  releases the GIL; the reduce is cheaper per byte than memory)."""
+  from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+  threads = len(os.sched_getaffinity(0))
+  parts = np.array_split(np.ones(nbytes // 8, np.uint64), threads)
+  with ThreadPoolExecutor(threads) as pool:
+    t, _ = timed(lambda: list(pool.map(np.bitwise_or.reduce, parts)), 5)
+  return nbytes / t / 1e9
 
 
 def storage(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -138,6 +169,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   n, d, k, nq = _N.value, _D.value, _K.value, _Q.value
   reps = _REPEATS.value
+  print(cpu_line(), flush=True)
+  print(native.status(), flush=True)
   rng = np.random.default_rng(0)
   t = time.perf_counter()
   if _FEATURES.value:
@@ -165,17 +198,19 @@ def main(argv):
   exact = numpy_topk(q, x, k)
   peaks = peak_gflops()
   print("peaks GFLOP/s:", {a: round(b) for a, b in peaks.items()}, flush=True)
+  mem_bw = _MEM_BW.value or read_gbps()
+  print(f"read bandwidth: {mem_bw:.1f} GB/s", flush=True)
   rows = []
 
-  # The int8 rows of this project run the native kernel where it is in use: its floor is the VNNI
-  # instruction ceiling; the other int8 rows are held to XLA's int8 product.
-  int8_peak = peaks.get("vnni_int8", peaks["jax_int8"])
+  # The int8 rows of this project run the native kernel where it is in use: its floor is the
+  # instruction ceiling of its path (VNNI or AVX2); the other int8 rows are held to XLA's int8 product.
+  int8_peak = next((v for a, v in peaks.items() if a.startswith("native_int8")), peaks["jax_int8"])
 
   def record(impl, dtype, mode, qn, sec, first, bytes_scanned, found, peak=None):
     flops = 2.0 * qn * n * d
     if peak is None:
       peak = peaks["jax_int8"] if dtype == "int8" else peaks["numpy_f32"]
-    floor = max(bytes_scanned / (_MEM_BW.value * 1e9), flops / (peak * 1e9))
+    floor = max(bytes_scanned / (mem_bw * 1e9), flops / (peak * 1e9))
     row = {
       "impl": impl,
       "dtype": dtype,
@@ -292,9 +327,10 @@ def main(argv):
     f"\nN={n} D={d} k={k}, medians of {reps} runs, {jax.devices()[0].device_kind}, "
     f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (other users of the machine)"
   )
+  print(cpu_line())
   print(native.status())
   print(
-    f"floors: bytes / {_MEM_BW.value:g} GB/s; FLOPs / peak {json.dumps({a: round(b) for a, b in peaks.items()})} GFLOP/s"
+    f"floors: bytes / {mem_bw:.1f} GB/s (read bandwidth); FLOPs / peak {json.dumps({a: round(b) for a, b in peaks.items()})} GFLOP/s"
   )
   print(head)
   print("-" * len(head))
@@ -307,7 +343,17 @@ def main(argv):
   if _OUTPUT.value:
     atomic_write_json(
       _OUTPUT.value,
-      {"n": n, "d": d, "k": k, "peaks_gflops": peaks, "loadavg": load, "rows": rows},
+      {
+        "n": n,
+        "d": d,
+        "k": k,
+        "cpu": cpu_line(),
+        "native": native.status(),
+        "peaks_gflops": peaks,
+        "read_gbps": mem_bw,
+        "loadavg": load,
+        "rows": rows,
+      },
     )
 
 

@@ -13,6 +13,7 @@ spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 # Versions the project is tested with (scripts/constraints.txt).
 python -m pip install -q -c scripts/constraints.txt -e "$spec"
-# The native int8 search kernel (engine/kernels/native): compiled once here; the search falls back to XLA
-# (and says why) where it cannot be built or the CPU lacks AVX512-VNNI.
+# The native search kernels (engine/kernels/native): built here, never while searching; the search
+# falls back to XLA (one warning says why) where they are not built or the CPU has neither AVX2 nor
+# AVX-512 (then nothing is compiled).
 python -m engine.kernels.native || true

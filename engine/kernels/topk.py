@@ -19,18 +19,20 @@ Storage dtypes: float32, float16, bfloat16 and int8 (symmetric, one float32 scal
     at 7-9 GB/s and bfloat16 at ~18 GB/s (about 10 G elements/s); the same thing written as a dot
     with one query, or as a 3-D broadcast, ran at 0.1-0.9 GB/s. Used for bfloat16 at Q = 1.
   * float32: the library matrix-vector / matrix product (28-40 GB/s at Q = 1, ~250 GFLOP/s).
-  * int8 on an x86 CPU with AVX512-VNNI: the native fused scan + top-k of `engine.kernels.native`
-    (an XLA FFI call; about 25 GB/s at Q = 1 and 850-900 GOP/s at Q = 64-128 on two cores), which
-    never writes the [Q, N] scores. Elsewhere, and as method "int8-xla": XLA's int8 x int8 product
-    with int32 accumulation (~150-250 GOP/s; with a float32 result ~100), one query padded to two
-    (10-12 GB/s, where the product with a single query runs at 0.9 GB/s).
-  * bfloat16, Q <= 8, on an x86 CPU with AVX512-BF16: the same native fused kernel on vdpbf16ps,
-    queries as bf16 high + low pairs (float32-accurate; memory-bound). Larger batches, other CPUs
-    and "bf16-xla": the bf16 product with float32 accumulation (~100-150 GFLOP/s, no AMX seen):
-    vdpbf16ps itself ran at 76 GOP/s per core here, a tenth of vpdpbusd.
-  * float16, Q <= 8, on x86 with AVX-512: the native kernel widens rows with vcvtph2ps (exact).
-    Otherwise no fast path exists (XLA's convert, the bit decode in `decode` and numpy all ran at
-    1-2 GB/s): prefer bfloat16 or int8.
+  * int8 on an x86 CPU with AVX512-VNNI or AVX2: the native fused scan + top-k of
+    `engine.kernels.native` (an XLA FFI call; with VNNI about 25 GB/s at Q = 1 and 850-900 GOP/s
+    at Q = 64-128 on two cores), which never writes the [Q, N] scores; the library is built by an
+    explicit step and picks its AVX-512 or AVX2 loops at run time. Elsewhere, and as method
+    "int8-xla": XLA's int8 x int8 product with int32 accumulation (~150-250 GOP/s; with a float32
+    result ~100), one query padded to two (10-12 GB/s, where one query alone runs at 0.9 GB/s).
+  * bfloat16 on an x86 CPU with AVX512-BF16 (Q <= 8) or AVX2 (any Q): the same native fused
+    kernel (vdpbf16ps with queries as bf16 high + low pairs, or rows widened to float32 and FMA;
+    both float32-accurate). Larger batches on AVX-512, other CPUs and "bf16-xla": the bf16
+    product with float32 accumulation (~100-150 GFLOP/s, no AMX seen): vdpbf16ps itself ran at
+    76 GOP/s per core here, a tenth of vpdpbusd.
+  * float16 on x86 with AVX-512 (Q <= 8) or AVX2 + F16C (any Q): the native kernel widens rows
+    with vcvtph2ps (exact). Otherwise no fast path exists (XLA's convert, the bit decode in
+    `decode` and numpy all ran at 1-2 GB/s): prefer bfloat16 or int8.
 Plain XLA elementwise loops over the [Q, N] scores ran at about 1 GB/s, so scales, tombstones and
 filters are folded into one pass (a per-row scale and a per-row 0/-inf bias), a per-query int8 scale
 is applied after the selection, and the selection is an exact two-stage block-max top-k.
@@ -59,8 +61,9 @@ METRICS = ("cosine", "l2")
 _BLOCK = 128
 
 _DN = (((1,), (1,)), ((), ()))  # contract the feature axis of [Q, D] with [N, D]
-# The native bfloat16 and float16 kernels serve only the memory-bound few-query loop: vdpbf16ps ran
+# The AVX-512 bfloat16 and float16 kernels serve only the memory-bound few-query loop: vdpbf16ps ran
 # at 76 GOP/s per core on the project's CPU (vpdpbusd: 760), below XLA's product on widened rows.
+# Their AVX2 loops widen the rows once and run float32 FMA for any number of queries.
 _NATIVE_FEW_Q = 8
 
 
@@ -104,7 +107,7 @@ def _choose_method(q: int, dtype, d: int | None) -> str:
   # ~150-250 GFLOP/s (with a float32 result: 0.1x that); XLA has no fast path for float16. The
   # native kernels (engine.kernels.native) beat all of these where `_uses_native` says they run.
   if dtype == jnp.float32 or dtype == jnp.float16:
-    return "f32"  # float16: the native kernel up to 8 queries
+    return "f32"  # float16: the native kernel where `_uses_native` says so
   if dtype == jnp.int8:
     return "int8"  # the native kernel where available; XLA pads one query to two (10-12 GB/s)
   if _uses_native("bf16", dtype, q, d):
@@ -249,9 +252,9 @@ def topk(
     scales: [N] float32 per-row scales of an int8 matrix (row = int8 * scale); None for floats.
     valid: [N] bool, False for rows that must not be returned (tombstones, filters, padding).
     method: "reduce", "f32", "bf16", "bf16x2", "int8", or "f32-xla" / "bf16-xla" / "int8-xla" (see
-      `inner_products`; "int8", and "bf16" / "f32" on bfloat16 / float16 rows with Q <= 8, run
-      the native fused kernels on CPUs where `engine.kernels.native.available(dtype)`, the "-xla" forms
-      never); None picks the fastest measured for Q and the dtype.
+      `inner_products`; "int8", and "bf16" / "f32" on bfloat16 / float16 rows (Q <= 8, or any Q
+      on the AVX2 path), run the native fused kernels where `engine.kernels.native` has them, the
+      "-xla" forms never); None picks the fastest measured for Q and the dtype.
 
   Returns:
     scores: [Q, k] float32, best first (-inf where fewer than k rows are valid).
@@ -307,11 +310,6 @@ def _topk_xla(queries, matrix, scales, valid, *, k, metric, method):
 
 # method -> the storage dtype its native kernel scans
 _NATIVE = {"int8": "int8", "bf16": "bfloat16", "f32": "float16"}
-_NATIVE_TARGETS = {
-  "int8": native.INT8_TOPK,
-  "bfloat16": native.BF16_TOPK,
-  "float16": native.F16_TOPK,
-}
 
 
 def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
@@ -320,20 +318,21 @@ def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
   kernel = _NATIVE.get(method)
   if kernel is None or np.dtype(dtype) != np.dtype(jnp.dtype(kernel)):
     return False
-  if kernel != "int8" and q > _NATIVE_FEW_Q:
-    return False
+  if kernel != "int8" and q > _NATIVE_FEW_Q and native.isa(kernel) != "avx2":
+    return False  # vdpbf16ps batches lose to XLA; AVX2 batches of widened rows beat it
   if d is not None and ((d * np.dtype(dtype).itemsize) % 4 or d > 65536):
     return False
-  return native.available(kernel)
+  return native.available(kernel, q)
 
 
 def _topk_native(queries, matrix, scales, valid, *, k, metric):
   """The fused scan + top-k of `engine/kernels/native/scan_topk.cc`: no [Q, N] scores in memory.
 
   The kernel ranks dot(query, row) * scale * qmul + bias. int8 queries are quantised exactly as in
-  the XLA "int8" method, so cosine scores are bit-identical to it; bfloat16 takes the float32
-  queries (a bf16 high + low pair for Q <= 8, accurate to ~1e-5; rounded to bf16 above, ~1e-3);
-  float16 rows are widened exactly and meet the float32 queries.
+  the XLA "int8" method, so cosine scores are bit-identical to it on every path; bfloat16 takes
+  the float32 queries (AVX2: rows widened exactly, float32 FMA; AVX-512: a bf16 high + low pair
+  for Q <= 8, accurate to ~1e-5, rounded to bf16 above, ~1e-3); float16 rows are widened exactly
+  and meet the float32 queries.
   """
   n = matrix.shape[0]
   int8 = matrix.dtype == jnp.int8
@@ -348,14 +347,7 @@ def _topk_native(queries, matrix, scales, valid, *, k, metric):
     qmul = 2.0 * qscale[:, 0]
   else:
     qmul = jnp.ones((queries.shape[0],), jnp.float32)
-  kk = min(k, n)
-  out = (
-    jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.float32),
-    jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.int32),
-  )
-  target = _NATIVE_TARGETS[jnp.dtype(matrix.dtype).name]
-  call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
-  scores, ids = call(q_in, matrix, scales, qmul, bias)
+  scores, ids = native.scan_topk(q_in, matrix, scales, qmul, bias, min(k, n))
   if metric == "l2":
     scores = scores - jnp.sum(queries * queries, axis=1, keepdims=True)
   elif int8:

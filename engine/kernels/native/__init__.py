@@ -1,24 +1,47 @@
-"""Native CPU kernels, called from jit-compiled code through XLA's FFI.
+"""Native CPU kernels, called from jit-compiled code through XLA's FFI: the one owner of them.
 
-`scan_topk.cc`: a fused scan + top-k over int8 rows (x86 CPUs with AVX512-VNNI), bfloat16 rows
-(AVX512-BF16) and float16 rows (AVX-512; few queries); see the file's header and BUILD.md for why
-XLA's own products are not enough on CPU. It is compiled from source with the system C++ compiler
-on first use, against the FFI headers that ship with jaxlib, and cached in `native/` of the
-engine's cache (`$VGG_RETRIEVAL_CACHE`, default `~/.cache/vgg-retrieval`), keyed by the source, the
-jaxlib version and the compiler. Where a kernel cannot be used (another architecture, a CPU without
-the extension, no compiler, `VGG_RETRIEVAL_NATIVE=0`) `available(dtype)` is False, the reason is
-logged once, and `engine.search` runs XLA's products instead: same results, slower.
+`scan_topk.cc` is a fused scan + top-k over int8, bfloat16 and float16 rows (see its header and
+BUILD.md for why XLA's own products are not enough on CPU). This module is its only Python face:
+`scan_topk(...)` is the FFI call that `engine.kernels.topk` and the tests make, `available(dtype)`
+and `isa(dtype)` say whether and how a dtype runs natively here, `build()` compiles the library.
 
-`python -m engine.kernels.native` builds the kernels and prints which are usable.
+Build step. Nothing compiles on import, while `topk` is traced, or while pytest collects tests:
+`build()` runs only when called, from `python -m engine.kernels.native` (which scripts/setup.sh
+runs) or from a test fixture. A search on a machine where the library was never built uses XLA's
+products and says so once; building lazily inside a search would put a compiler run of many
+seconds, and its failure modes, inside the first query of a service.
+
+Run-time CPU dispatch. The CPU's features are read first (/proc/cpuinfo); a CPU that runs none
+of the kernels' instruction sets (AVX2 + FMA + F16C, AVX-512, AArch64 NEON) gets no compiler run at
+all. On x86-64 the one library holds the AVX2 and the AVX-512 loops (per-function target
+attributes, baseline code elsewhere) and each call takes the best one the CPU has, unless `isa`
+names another (tests):
+  * int8: AVX512-VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd);
+  * bfloat16: AVX512-BF16 (vdpbf16ps), else AVX2 (rows widened by a shift, FMA);
+  * float16: AVX-512 (few queries), else AVX2 + F16C (vcvtph2ps, FMA).
+On AArch64 NEON loops serve up to 8 queries (int8 with sdot when the CPU has it: the library is then
+built with +dotprod; bfloat16 and float16 widened exactly, FMA); larger batches run XLA's products.
+
+Cache trust. The library lives in `native/` of the engine's cache (`$VGG_RETRIEVAL_CACHE`, default
+`~/.cache/vgg-retrieval`), named by a key of the source, jaxlib, the compiler and its flags, with a
+sha256 digest written beside it at build time. It is loaded only when every folder from the cache
+root down is owned by this user and not writable by group or others, and the file's digest matches
+the recorded one: a torn or planted library is never dlopen'ed (`build()` rebuilds a mismatch).
+
+Where no kernel can be used (another architecture, a CPU without the extensions, no library built,
+an untrusted cache, `VGG_RETRIEVAL_NATIVE=0`) `available(dtype)` is False, one WARNING line says
+why, and `engine.kernels.topk` runs XLA's products instead: same results, slower.
 """
 
 from __future__ import annotations
 
-import functools
+import ctypes
+import dataclasses
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -32,11 +55,49 @@ INT8_TOPK = "vgg_int8_topk"
 BF16_TOPK = "vgg_bf16_topk"
 F16_TOPK = "vgg_f16_topk"
 SOURCE = Path(__file__).with_name("scan_topk.cc")
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+# ISO C++ (no -ffast-math, no FMA contraction): scores are the same float operations on every path.
+_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-w")
+DTYPES = ("int8", "bfloat16", "float16")
+
+# The instruction-set paths of each dtype, best first: (name, code passed to the kernel, the
+# /proc/cpuinfo flags it needs). The codes are scan_topk.cc's kIsa*.
+_AVX2 = frozenset({"avx2", "fma", "f16c"})
+_AVX512 = frozenset({"avx512f", "avx512bw"})
+_NEON = ("neon", 3, frozenset({"asimd"}))  # AArch64; int8 uses sdot where the CPU has asimddp
+ISAS = {
+  "int8": (("avx512-vnni", 2, _AVX512 | {"avx512_vnni"}), ("avx2", 1, _AVX2), _NEON),
+  "bfloat16": (("avx512-bf16", 2, _AVX512 | {"avx512_bf16"}), ("avx2", 1, _AVX2), _NEON),
+  "float16": (("avx512", 2, _AVX512), ("avx2", 1, _AVX2), _NEON),
+}
+# Queries per call of the few-query-only paths (the others take any number).
+FEW_QUERIES = 8
+MANY_QUERIES = {
+  ("int8", "avx512-vnni"),
+  ("int8", "avx2"),
+  ("bfloat16", "avx512-bf16"),
+  ("bfloat16", "avx2"),
+  ("float16", "avx2"),
+}
+_TARGETS = {"int8": INT8_TOPK, "bfloat16": BF16_TOPK, "float16": F16_TOPK}
+_HANDLERS = {"int8": "VggInt8TopK", "bfloat16": "VggBf16TopK", "float16": "VggF16TopK"}
 
 
-def _cache_dir() -> Path:
-  return Path(fileio.cache_root()) / "native"
+def cpu_flags() -> frozenset[str]:
+  """The CPU's feature flags as /proc/cpuinfo names them (x86 "flags", ARM "Features")."""
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return frozenset()
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() in ("flags", "Features"):
+      return frozenset(value.split())
+  return frozenset()
+
+
+def _paths(dtype: str, flags: frozenset[str]) -> list[str]:
+  """The instruction-set paths of `dtype` that a CPU with `flags` runs, best first."""
+  return [name for name, _, need in ISAS[dtype] if need <= flags]
 
 
 def _compiler() -> str | None:
@@ -46,113 +107,311 @@ def _compiler() -> str | None:
   return None
 
 
-def build() -> Path:
-  """Compiles `scan_topk.cc` (once per source, jaxlib and compiler) and returns the library's path.
+def _cache_dir() -> Path:
+  return Path(fileio.cache_root()) / "native"
 
-  Raises:
-    RuntimeError: no C++ compiler, or the compilation failed (its output is in the message).
+
+def _untrusted(path: Path, root: Path) -> str | None:
+  """Why `path` (a file or folder inside `root`, or `root` itself) may not be trusted, or None.
+
+  Every folder from `root` down to `path` must be owned by this user and not writable by group or
+  others: anyone else who can write there can replace the library and its digest together.
   """
+  path, root = path.resolve(), root.resolve()  # symbolic links: judge what they point to
+  if path != root and root not in path.parents:
+    return f"{path} lies outside the cache {root}"
+  chain = [path, *[p for p in path.parents if p == root or root in p.parents]]
+  uid = os.getuid()
+  for p in chain:
+    try:
+      st = os.stat(p)
+    except FileNotFoundError:
+      continue
+    if st.st_uid != uid:
+      return f"{p} is owned by another user (uid {st.st_uid})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+      mode = stat.S_IMODE(st.st_mode)
+      return f"{p} is writable by group or others (mode {mode:o}; `chmod go-w {p}` if it is yours)"
+  return None
+
+
+def _flags(cpu: frozenset[str]) -> tuple[str, ...]:
+  """Compiler flags: baseline code everywhere (the x86 kernels carry their own target attributes);
+  on AArch64 the int8 loop is built with sdot only for a CPU that has it."""
+  if platform.machine().lower() in ("aarch64", "arm64") and "asimddp" in cpu:
+    return (*_FLAGS, "-march=armv8.2-a+dotprod")
+  return _FLAGS
+
+
+def _key(cxx: str) -> str:
   import jax
   import jaxlib
 
-  cxx = _compiler()
-  if cxx is None:
-    raise RuntimeError("no C++ compiler found (set CXX or install g++)")
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-  include = jax.ffi.include_dir()
   digest = hashlib.sha256()
   for part in (
     SOURCE.read_bytes(),
     jaxlib.__version__.encode(),
     version.encode(),
-    str(_FLAGS).encode(),
+    str(_flags(cpu_flags())).encode(),
+    jax.ffi.include_dir().encode(),
   ):
     digest.update(part)
-  out = _cache_dir() / f"scan_topk-{digest.hexdigest()[:16]}.so"
-  if out.exists():
+  return digest.hexdigest()[:16]
+
+
+def library_path() -> Path:
+  """Where the library for this source, jaxlib and compiler lives (built or not).
+
+  Raises:
+    RuntimeError: no C++ compiler found.
+  """
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+  return _cache_dir() / f"scan_topk-{_key(cxx)}.so"
+
+
+def _digest_path(lib: Path) -> Path:
+  return lib.with_name(lib.name + ".sha256")
+
+
+def verify(lib: Path) -> str | None:
+  """Why the library at `lib` must not be loaded, or None when it may be (trusted, digest matches)."""
+  root = Path(fileio.cache_root())
+  why = _untrusted(lib, root) or _untrusted(_digest_path(lib), root)
+  if why:
+    return f"untrusted cache: {why}"
+  if not lib.exists() or not _digest_path(lib).exists():
+    return f"not built (run `python -m engine.kernels.native`; looked for {lib})"
+  recorded = _digest_path(lib).read_text().split()[0] if _digest_path(lib).stat().st_size else ""
+  if fileio.sha256_file(lib) != recorded:
+    return f"{lib.name} does not match its recorded sha256 (torn or replaced; rebuild it)"
+  return None
+
+
+def _compile(cxx: str, out: Path) -> None:
+  """Compiles SOURCE into the file `out` (a scratch path)."""
+  import jax
+
+  proc = subprocess.run(
+    [cxx, *_flags(cpu_flags()), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)],
+    capture_output=True,
+    text=True,
+  )
+  if proc.returncode != 0:
+    raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+
+
+def _cannot_run(flags: frozenset[str]) -> str | None:
+  """Why no kernel of the library runs on this machine, or None."""
+  if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+    return f"the kernels are for x86-64 and AArch64 (this machine: {platform.machine()})"
+  if not any(_paths(d, flags) for d in DTYPES):
+    return "this CPU has neither AVX2 + FMA + F16C nor AVX-512 (nor NEON)"
+  return None
+
+
+def build() -> Path:
+  """Compiles `scan_topk.cc` unless a verified library for this source, jaxlib and compiler exists.
+
+  Returns:
+    The library's path; its sha256 digest is recorded beside it.
+
+  Raises:
+    RuntimeError: the CPU runs none of the kernels (nothing is compiled), no C++ compiler, an
+      untrusted cache folder, or the compilation failed (its output is in the message).
+  """
+  why = _cannot_run(cpu_flags())
+  if why:
+    raise RuntimeError(f"not built: {why}")
+  out = library_path()
+  root = Path(fileio.cache_root())
+  out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+  why = _untrusted(out.parent, root)
+  if why:
+    raise RuntimeError(f"not built: untrusted cache: {why}")
+  if verify(out) is None:
+    _forget_missing()
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
     obj = Path(scratch) / SOURCE.with_suffix(".so").name
-    proc = subprocess.run(
-      [cxx, *_FLAGS, f"-I{include}", str(SOURCE), "-o", str(obj)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-      raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
-    # fsynced and renamed: a crash never leaves a torn library to load (a concurrent build of
-    # the same key writes the same bytes).
-    fileio.atomic_write(out, lambda f: f.write(obj.read_bytes()))
+    _compile(_compiler(), obj)
+    data = obj.read_bytes()
+  # Library first, then its digest, each fsynced and renamed: a crash leaves a missing or stale
+  # digest, which `verify` refuses, never a torn library that loads.
+  fileio.atomic_write(out, lambda f: f.write(data))
+  fileio.atomic_write_text(_digest_path(out), f"{hashlib.sha256(data).hexdigest()}  {out.name}\n")
+  for path in (out, _digest_path(out)):  # a umask of 002 would leave them group-writable: refused
+    os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & ~0o022)
+  _forget_missing()
   return out
 
 
-_load_lock = threading.Lock()
+def _forget_missing() -> None:
+  """After a build, a process that found no library looks again on its next `available`."""
+  global _state
+  with _lock:
+    if _state is not None and _state.lib is None:
+      _state = None
 
 
-def _load() -> dict[str, str | None]:
-  """Builds, loads and registers the kernels once: {dtype: None when usable, else why not}."""
-  with _load_lock:  # concurrent first searches must not build or register twice
-    return _load_once()
+@dataclasses.dataclass
+class _State:
+  lib: ctypes.CDLL | None
+  paths: dict[str, list[str]]  # dtype -> usable paths, best first
+  reasons: dict[str, str]  # dtype -> why it has none
+  warned: bool = False
 
 
-@functools.cache
-def _load_once() -> dict[str, str | None]:
+_state: _State | None = None
+_lock = threading.Lock()
+_registered: set[str] = set()
+
+
+def _probe(flags: frozenset[str]) -> _State:
+  """Loads and registers a verified library (never compiles) and works out each dtype's paths."""
   if os.environ.get("VGG_RETRIEVAL_NATIVE", "1") == "0":
-    return dict.fromkeys(_KERNELS, "disabled by VGG_RETRIEVAL_NATIVE=0")
-  if platform.machine().lower() not in ("x86_64", "amd64"):
-    return dict.fromkeys(
-      _KERNELS, f"the kernels are for x86-64 (this machine: {platform.machine()})"
-    )
+    return _State(None, {}, dict.fromkeys(DTYPES, "disabled by VGG_RETRIEVAL_NATIVE=0"))
+  why = _cannot_run(flags)
+  if why is None:
+    try:
+      lib_path = library_path()
+      why = verify(lib_path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+      why = str(e)
+  if why:
+    return _State(None, {}, dict.fromkeys(DTYPES, why))
+  import jax
+
   try:
-    import ctypes
-
-    import jax
-
-    lib = ctypes.CDLL(str(build()))
-  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    return dict.fromkeys(_KERNELS, f"could not build or load {SOURCE.name}: {e}")
-  out = {}
-  for dtype, (target, handler, supported, extension) in _KERNELS.items():
-    if not getattr(lib, supported)():
-      out[dtype] = f"this CPU lacks {extension}"
+    lib = ctypes.CDLL(str(lib_path))
+  except OSError as e:
+    return _State(None, {}, dict.fromkeys(DTYPES, f"could not load {lib_path.name}: {e}"))
+  paths, reasons = {}, {}
+  for dtype in DTYPES:
+    # Both the kernel's own cpuid check and /proc/cpuinfo must agree that a path runs here.
+    probe = lib.vgg_topk_isas
+    probe.restype, probe.argtypes = ctypes.c_int, [ctypes.c_int]
+    mask = probe(DTYPES.index(dtype))
+    codes = {name: code for name, code, _ in ISAS[dtype]}
+    paths[dtype] = [p for p in _paths(dtype, flags) if mask >> codes[p] & 1]
+    if not paths[dtype]:
+      reasons[dtype] = "this CPU lacks " + " or ".join(name.upper() for name, _, _ in ISAS[dtype])
       continue
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, handler)), platform="cpu")
-    out[dtype] = None
-  return out
+    if _TARGETS[dtype] not in _registered:  # once per process: XLA keeps the first handler
+      handler = jax.ffi.pycapsule(getattr(lib, _HANDLERS[dtype]))
+      jax.ffi.register_ffi_target(_TARGETS[dtype], handler, platform="cpu")
+      _registered.add(_TARGETS[dtype])
+  return _State(lib, paths, reasons)
 
 
-# storage dtype -> (FFI target, handler symbol, support probe, the CPU extension it needs)
-_KERNELS = {
-  "int8": (INT8_TOPK, "VggInt8TopK", "vgg_int8_topk_supported", "AVX512-VNNI"),
-  "bfloat16": (BF16_TOPK, "VggBf16TopK", "vgg_bf16_topk_supported", "AVX512-BF16"),
-  "float16": (F16_TOPK, "VggF16TopK", "vgg_f16_topk_supported", "AVX-512"),
-}
-_logged: set[str] = set()
+def _load() -> _State:
+  global _state
+  with _lock:  # concurrent first searches must not load or register twice
+    if _state is None:
+      _state = _probe(cpu_flags())
+    if _state.reasons and not _state.warned:
+      _state.warned = True
+      logging.warning("%s; XLA's products run instead", _describe(_state))
+    return _state
 
 
-def available(dtype: str = "int8") -> bool:
-  """True when the scan kernel for `dtype` ("int8", "bfloat16", "float16") is usable here."""
-  reason = _load()[dtype]
-  if reason is not None and dtype not in _logged:
-    _logged.add(dtype)
-    logging.info("native %s search kernel not used (XLA instead): %s", dtype, reason)
-  return reason is None
+def _describe(state: _State) -> str:
+  off = state.reasons
+  if len(set(off.values())) == 1 and len(off) == len(DTYPES):
+    return f"native scan kernels not used: {next(iter(off.values()))}"
+  on = [f"{d} ({state.paths[d][0]})" for d in DTYPES if d not in off]
+  parts = [f"{d}: {r}" for d, r in off.items()]
+  return f"native scan kernels in use for {', '.join(on)}; not for {'; '.join(parts)}"
 
 
-def vnni_peak_gops(threads: int, seconds: float = 0.3) -> float:
-  """Measured VNNI int8 multiply-add ceiling of `threads` cores at once, in GOP/s (needs the kernel)."""
-  import ctypes
+def _path_for(dtype: str, queries: int, isa: str | None = None) -> str | None:
+  """The best path here (or `isa`, if it runs here) that scans `queries` queries per call."""
+  for path in _load().paths.get(dtype, []):
+    if isa in (None, path) and (queries <= FEW_QUERIES or (dtype, path) in MANY_QUERIES):
+      return path
+  return None
+
+
+def available(dtype: str = "int8", queries: int = 1) -> bool:
+  """True when a native scan kernel for rows of `dtype` and `queries` queries per call runs here.
+
+  Never compiles: it loads a library that `build()` made earlier, after checking it.
+  """
+  return _path_for(dtype, queries) is not None
+
+
+def isa(dtype: str) -> str | None:
+  """The instruction-set path a call over `dtype` rows takes here ("avx2", ...), or None."""
+  paths = _load().paths.get(dtype, [])
+  return paths[0] if paths else None
+
+
+def paths(dtype: str) -> list[str]:
+  """Every instruction-set path of `dtype` this CPU runs, best first (tests compare them all)."""
+  return list(_load().paths.get(dtype, []))
+
+
+def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = None):
+  """The fused scan: the k best rows per query by `dot(queries[q], matrix[r]) * scales[r] *
+  qmul[q] + bias[r]`, ties to the lower row (an `jax.ffi.ffi_call`; works under jit and vmap).
+
+  Args:
+    queries: [Q, D] int8 in [-127, 127] for an int8 matrix (as `topk` quantises them; the AVX2
+      path's sign trick needs it), else float32.
+    matrix: [N, D] int8, bfloat16 or float16; D * itemsize a multiple of 4, D <= 65536.
+    scales, bias: [N] float32 (bias -inf drops a row); qmul: [Q] float32.
+    k: results per query, at most N.
+    isa: one of `paths(dtype)` to force that path; None takes the best one for Q queries.
+
+  Returns:
+    scores [Q, k] float32 best first, and ids [Q, k] int32 (-inf / -1 where fewer rows scored).
+
+  Raises:
+    RuntimeError: no native kernel for this dtype and Q here (see `status()`).
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  dtype = jnp.dtype(matrix.dtype).name
+  q = queries.shape[0]
+  if isa is not None and isa not in paths(dtype):
+    raise RuntimeError(f"the {isa} path of the {dtype} kernel does not run here: {status()}")
+  path = _path_for(dtype, q, isa)
+  if path is None:
+    raise RuntimeError(f"no native {dtype} kernel for {q} queries here: {status()}")
+  codes = {name: code for name, code, _ in ISAS[dtype]}
+  out = (
+    jax.ShapeDtypeStruct((q, k), jnp.float32),
+    jax.ShapeDtypeStruct((q, k), jnp.int32),
+  )
+  call = jax.ffi.ffi_call(_TARGETS[dtype], out, vmap_method="sequential")
+  return call(queries, matrix, scales, qmul, bias, isa=np.int64(codes[path]))
+
+
+def int8_peak_gops(threads: int, seconds: float = 0.3) -> float:
+  """The int8 multiply-add instruction ceiling of the path in use, `threads` cores at once, GOP/s
+  (vpdpbusd with AVX512-VNNI, vpmaddubsw + vpmaddwd with AVX2)."""
   from concurrent.futures import ThreadPoolExecutor
 
-  if not available():
+  if not available("int8"):
     raise RuntimeError(status())
-  fn = ctypes.CDLL(str(build())).vgg_vnni_peak_gops
-  fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64]
-  iters = max(1, int(fn(100_000) * 1e9 * seconds / (12 * 64 * 2)))  # calibrate, then time
+  fn = _load().lib.vgg_int8_peak_gops
+  fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_double]
   with ThreadPoolExecutor(threads) as pool:  # ctypes releases the GIL during the call
-    return sum(pool.map(fn, [iters] * threads))
+    return sum(pool.map(fn, [seconds] * threads))
+
+
+vnni_peak_gops = int8_peak_gops  # the name bench/scaling.py uses
 
 
 def status() -> str:
   """A one-line description for benchmarks and bug reports."""
-  parts = [f"{d}: {'in use' if r is None else f'off ({r})'}" for d, r in _load().items()]
+  s = _load()
+  parts = [
+    f"{d}: {'off (' + s.reasons[d] + ')' if d in s.reasons else 'in use, ' + '/'.join(s.paths[d])}"
+    for d in DTYPES
+  ]
   return "native scan kernels: " + "; ".join(parts)
