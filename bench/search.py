@@ -28,8 +28,7 @@ from absl import app, flags
 
 from engine.common.fileio import atomic_write_json
 from engine.features.descriptors import Whitening
-from engine.kernels import native
-from engine.kernels import topk as topk_lib
+from engine.kernels import native, streaming
 from engine.store import Index, quantize_int8
 
 _N = flags.DEFINE_integer("n", 1_000_000, "Rows in the index.")
@@ -264,7 +263,7 @@ def main(argv):
   for dtype in _DTYPES.value:
     m, scales = storage(x, dtype)
     own_peak = int8_peak if dtype == "int8" else None
-    m = topk_lib.host_aligned(m)  # so the in-RAM kernel calls alias it instead of copying
+    m = streaming.host_aligned(m)  # so the in-RAM kernel calls alias it instead of copying
     nbytes = m.nbytes + (0 if scales is None else scales.nbytes)
     for qn in (1, nq):
       qi = iter(range(10**9))
@@ -278,10 +277,10 @@ def main(argv):
 
         def call(qn=qn, qi=qi, m=m, scales=scales, method=method):
           i = next(qi) % (reps + 1) if qn == 1 else 0
-          return topk_lib.chunked_topk(q[i : i + qn], m, k, scales=scales, method=method)
+          return streaming.chunked_topk(q[i : i + qn], m, k, scales=scales, method=method)
 
         sec, first = timed(call, reps)
-        found = np.asarray(topk_lib.chunked_topk(q[:qn], m, k, scales=scales, method=method)[1])
+        found = np.asarray(streaming.chunked_topk(q[:qn], m, k, scales=scales, method=method)[1])
         record(impl, dtype, "ram", qn, sec, first, nbytes, found, peak)
     if _SKIP_MMAP.value:
       continue

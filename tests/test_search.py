@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from engine.kernels import streaming
 from engine.kernels import topk as topk_lib
 from engine.store import quantize_int8
 
@@ -150,7 +151,7 @@ def test_merge_of_chunks_equals_whole():
     n = min(1024, 6000 - start)
     part[:n] = m[start : start + n]
     valid = np.arange(1024) < n
-    best = topk_lib.scan_chunk(q, part, None, valid, np.int32(start), *best, k=10, metric="cosine")
+    best = streaming.scan_chunk(q, part, None, valid, np.int32(start), *best, k=10, metric="cosine")
   np.testing.assert_allclose(np.asarray(best[0]), np.asarray(whole_s), atol=1e-6)
   full = _unit(q.astype(np.float64)) @ m.T.astype(np.float64)
   np.testing.assert_allclose(np.take_along_axis(full, np.asarray(best[1]), 1), best[0], atol=1e-5)

@@ -8,6 +8,7 @@ import textwrap
 _SCRIPT = textwrap.dedent(
   """
   import numpy as np, jax
+  from engine.kernels import sharded
   from engine.kernels import topk as topk_lib
   from engine.store import quantize_int8
   assert jax.device_count() == 8, jax.devices()
@@ -19,7 +20,7 @@ _SCRIPT = textwrap.dedent(
   valid = rng.random(8 * 1024) < 0.5
   full = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float64) @ m.T.astype(np.float64)
   for metric in ("cosine", "l2"):
-    s, i = topk_lib.sharded_topk(q, m, 10, mesh=mesh, metric=metric, valid=valid)
+    s, i = sharded.sharded_topk(q, m, 10, mesh=mesh, metric=metric, valid=valid)
     ref_s, ref_i = topk_lib.topk(q, m, 10, metric=metric, valid=valid)
     assert s.sharding.is_fully_replicated
     np.testing.assert_allclose(np.asarray(s), np.asarray(ref_s), atol=1e-5)
@@ -29,13 +30,13 @@ _SCRIPT = textwrap.dedent(
       want = np.sort(np.where(valid, full, -np.inf), axis=1)[:, ::-1][:, :10]
       np.testing.assert_allclose(np.asarray(s), want, atol=1e-5)
   q8, scale = quantize_int8(m)
-  s, i = topk_lib.sharded_topk(q, q8, 10, mesh=mesh, scales=scale)
+  s, i = sharded.sharded_topk(q, q8, 10, mesh=mesh, scales=scale)
   ref_s, ref_i = topk_lib.topk(q, q8, 10, scales=scale)
   np.testing.assert_allclose(np.asarray(s), np.asarray(ref_s), atol=1e-5)
   # A second call with the same shapes reuses the compiled program.
-  n = topk_lib._sharded_fn.cache_info().currsize
-  topk_lib.sharded_topk(q + 1.0, q8, 10, mesh=mesh, scales=scale)
-  assert topk_lib._sharded_fn.cache_info().currsize == n
+  n = sharded._sharded_fn.cache_info().currsize
+  sharded.sharded_topk(q + 1.0, q8, 10, mesh=mesh, scales=scale)
+  assert sharded._sharded_fn.cache_info().currsize == n
   print("OK")
   """
 )

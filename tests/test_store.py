@@ -14,7 +14,7 @@ import pytest
 
 from engine import store as store_mod
 from engine.common import fileio
-from engine.kernels import topk as topk_lib
+from engine.kernels import streaming
 from engine.store import (
   FileStat,
   Index,
@@ -428,7 +428,7 @@ def test_second_search_does_not_recompile(tmp_path):
   with Index.create(tmp_path / "i", dim=D, dtype="int8") as idx:
     idx.add(x, keys)
     idx.search(x[:3], k=10, chunk_rows=2048)
-    before = topk_lib.scan_chunk._cache_size()
+    before = streaming.scan_chunk._cache_size()
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
       lambda name, *a, **kw: compiles.append(name) if "backend_compile" in name else None
@@ -437,7 +437,7 @@ def test_second_search_does_not_recompile(tmp_path):
       idx.search(x[3:6] + 0.1, k=10, chunk_rows=2048)
     finally:
       jax.monitoring.clear_event_listeners()
-    assert topk_lib.scan_chunk._cache_size() == before
+    assert streaming.scan_chunk._cache_size() == before
     assert not compiles, compiles
 
 

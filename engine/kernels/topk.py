@@ -1,10 +1,10 @@
-"""The brute-force top-k search kernel: pure, jit-compiled, mergeable and shardable.
+"""The brute-force top-k search kernel: pure, jit-compiled and mergeable.
 
 `topk(queries, matrix, k)` scores every row of `matrix` against every query and returns the k best
 per query. It is a pure function of fixed-shape arrays, so it composes with other JAX code, and its
-results merge: the top-k of a union is `merge_topk` of the per-part top-ks. That one property lets the
-same kernel serve a chunk of a memory-mapped segment (`engine.store.Index.search` streams chunks with a
-running merge), a whole in-RAM matrix, and a matrix sharded over a device mesh (`sharded_topk`).
+results merge: the top-k of a union is `merge_topk` of the per-part top-ks. That one property lets
+the same kernel serve a whole in-RAM matrix, chunks of memory-mapped segments streamed with a
+running merge (`kernels.streaming`) and a matrix sharded over a device mesh (`kernels.sharded`).
 
 Scores are "higher is better" everywhere:
   * `metric="cosine"`: the inner product of the L2-normalised query with the stored rows (rows are
@@ -13,29 +13,13 @@ Scores are "higher is better" everywhere:
     Negate it to get distances.
 
 Storage dtypes: float32, float16, bfloat16 and int8 (symmetric, one float32 scale per row, passed as
-`scales`). Kernel choice per dtype and Q, from measurements on the project's 2-core AVX-512 CPU
-(jax 0.10.2; see `_choose_method` and bench/search.py):
-  * XLA sends a 2-D `sum(matrix.astype(f32) * q, axis=1)` to its YNNPACK fusion, which streams int8
-    at 7-9 GB/s and bfloat16 at ~18 GB/s (about 10 G elements/s); the same thing written as a dot
-    with one query, or as a 3-D broadcast, ran at 0.1-0.9 GB/s. Used for bfloat16 at Q = 1.
-  * float32: the library matrix-vector / matrix product (28-40 GB/s at Q = 1, ~250 GFLOP/s).
-  * int8 on an x86 CPU with AVX512-VNNI or AVX2: the native fused scan + top-k of
-    `engine.kernels.native` (an XLA FFI call; with VNNI about 25 GB/s at Q = 1 and 850-900 GOP/s
-    at Q = 64-128 on two cores), which never writes the [Q, N] scores; the library is built by an
-    explicit step and picks its AVX-512 or AVX2 loops at run time. Elsewhere, and as method
-    "int8-xla": XLA's int8 x int8 product with int32 accumulation (~150-250 GOP/s; with a float32
-    result ~100), one query padded to two (10-12 GB/s, where one query alone runs at 0.9 GB/s).
-  * bfloat16 on an x86 CPU with AVX512-BF16 (Q <= 8) or AVX2 (any Q): the same native fused
-    kernel (vdpbf16ps with queries as bf16 high + low pairs, or rows widened to float32 and FMA;
-    both float32-accurate). Larger batches on AVX-512, other CPUs and "bf16-xla": the bf16
-    product with float32 accumulation (~100-150 GFLOP/s, no AMX seen): vdpbf16ps itself ran at
-    76 GOP/s per core here, a tenth of vpdpbusd.
-  * float16 on x86 with AVX-512 (Q <= 8) or AVX2 + F16C (any Q): the native kernel widens rows
-    with vcvtph2ps (exact). Otherwise no fast path exists (XLA's convert, the bit decode in
-    `decode` and numpy all ran at 1-2 GB/s): prefer bfloat16 or int8.
-Plain XLA elementwise loops over the [Q, N] scores ran at about 1 GB/s, so scales, tombstones and
-filters are folded into one pass (a per-row scale and a per-row 0/-inf bias), a per-query int8 scale
-is applied after the selection, and the selection is an exact two-stage block-max top-k.
+`scales`). Each (dtype, Q) has a default method (`_choose_method`); where the CPU has the
+instructions for it, the native fused scan + top-k of `engine.kernels.native` runs instead of
+XLA's product (`_uses_native`) and never writes the [Q, N] scores. The measurements behind these
+choices, per CPU, are in BUILD.md. Scales, tombstones and filters are folded into one pass over
+the scores (a per-row scale and a per-row 0/-inf bias), a per-query int8 scale is applied after
+the selection, and the selection is an exact two-stage block-max top-k: elementwise XLA loops over
+the [Q, N] scores are slow next to the products.
 
 Rows with `valid == False` (tombstones, filters, padding) never appear in the output. When fewer than
 k rows are valid, the missing columns hold score -inf and id -1.
@@ -44,14 +28,11 @@ k rows are valid, the missing columns hold score -inf and id -1.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from engine.kernels import native
@@ -101,15 +82,13 @@ def decode(matrix: jax.Array) -> jax.Array:
 
 
 def _choose_method(q: int, dtype, d: int | None) -> str:
-  # Measured on the project's CPU (see bench/search.py): XLA's YNNPACK fusion runs the [N, D]
-  # convert-multiply-reduce at 9-19 GB/s for int8 and bfloat16 (the dot with Q=1 at 0.9-2 GB/s), the
-  # float32 matrix-vector product at 28-40 GB/s, the int8 x int8 product with int32 accumulation at
-  # ~150-250 GFLOP/s (with a float32 result: 0.1x that); XLA has no fast path for float16. The
-  # native kernels (engine.kernels.native) beat all of these where `_uses_native` says they run.
+  # XLA's fused convert-multiply-reduce streams int8 and bfloat16 rows faster than its dot with one
+  # query; float32 takes the library matrix product; the native kernels win where they run
+  # (BUILD.md has the measurements per CPU).
   if dtype == jnp.float32 or dtype == jnp.float16:
     return "f32"  # float16: the native kernel where `_uses_native` says so
   if dtype == jnp.int8:
-    return "int8"  # the native kernel where available; XLA pads one query to two (10-12 GB/s)
+    return "int8"  # the native kernel where available; XLA pads one query to two
   if _uses_native("bf16", dtype, q, d):
     return "bf16"  # the native kernel, float32-accurate queries
   return "reduce" if q == 1 else "bf16"
@@ -371,219 +350,6 @@ def merge_topk(
   return _pad_k(v, jnp.take_along_axis(i, j, axis=1), k)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "metric", "method"))
-def scan_chunk(
-  queries: jax.Array,
-  matrix: jax.Array,
-  scales: jax.Array | None,
-  valid: jax.Array | None,
-  offset: jax.Array,
-  best_scores: jax.Array,
-  best_ids: jax.Array,
-  *,
-  k: int,
-  metric: str,
-  method: str | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """One step of a streamed search: top-k of a chunk, ids shifted by `offset`, merged into the best."""
-  s, i = topk(queries, matrix, k, metric=metric, scales=scales, valid=valid, method=method)
-  i = jnp.where(i >= 0, i + offset, -1)
-  return merge_topk(best_scores, best_ids, s, i, k)
-
-
 def empty_topk(q: int, k: int) -> tuple[jax.Array, jax.Array]:
   """The identity of `merge_topk`: [Q, k] of -inf scores and -1 ids."""
   return jnp.full((q, k), -jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32)
-
-
-def sharded_topk(
-  queries: ArrayLike,
-  matrix: jax.Array,
-  k: int,
-  *,
-  mesh: jax.sharding.Mesh,
-  axis: str | Sequence[str] = "rows",
-  metric: str = "cosine",
-  scales: jax.Array | None = None,
-  valid: jax.Array | None = None,
-  method: str | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """`topk` over a matrix whose rows are split across the devices of `mesh` along `axis`.
-
-  Each device scores its own rows and keeps a local top-k; the [Q, k] lists are all-gathered and
-  merged, so only Q * k * devices values cross devices. Queries are replicated.
-
-  Args:
-    queries: [Q, D] float.
-    matrix: [N, D], N divisible by the number of devices along `axis` (pad with `valid=False` rows).
-    k: results per query.
-    mesh: e.g. `jax.make_mesh((8,), ("rows",))`.
-    axis: the mesh axis (or axes) the rows are split over.
-    metric, scales, valid, method: as in `topk`.
-
-  Returns:
-    scores [Q, k] float32 and global ids [Q, k] int32, replicated on every device.
-  """
-  row_spec = P(axis, None)
-  vec_spec = P(axis)
-  args = [jnp.asarray(queries, jnp.float32), matrix]
-  specs = [P(), row_spec]
-  has_scales, has_valid = scales is not None, valid is not None
-  if has_scales:
-    args.append(scales)
-    specs.append(vec_spec)
-  if has_valid:
-    args.append(valid)
-    specs.append(vec_spec)
-  args[1:] = [
-    jax.device_put(a, NamedSharding(mesh, sp)) for a, sp in zip(args[1:], specs[1:], strict=True)
-  ]
-
-  fn = _sharded_fn(
-    mesh,
-    axis if isinstance(axis, str) else tuple(axis),
-    k,
-    metric,
-    method,
-    has_scales,
-    has_valid,
-    tuple(specs),
-  )
-  return fn(*args)
-
-
-@functools.lru_cache(maxsize=64)
-def _sharded_fn(mesh, axis, k, metric, method, has_scales, has_valid, specs):
-  def local(q, m, *rest):
-    rest = list(rest)
-    sc = rest.pop(0) if has_scales else None
-    va = rest.pop(0) if has_valid else None
-    s, i = topk(q, m, k, metric=metric, scales=sc, valid=va, method=method)
-    i = jnp.where(i >= 0, i + lax.axis_index(axis) * m.shape[0], -1)
-    all_s = lax.all_gather(s, axis, axis=1, tiled=True)
-    all_i = lax.all_gather(i, axis, axis=1, tiled=True)
-    v, j = lax.top_k(all_s, k)
-    return v, jnp.take_along_axis(all_i, j, axis=1)
-
-  return jax.jit(
-    jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False)
-  )
-
-
-def chunk_rows_for(
-  q: int, chunk_rows: int | None = None, dtype=None, method: str | None = None
-) -> int:
-  """Default rows per kernel call.
-
-  The native kernels keep only [Q, k] per call, so they take 1M-row chunks (fewer calls: +4% at
-  Q = 100 over 256K). Otherwise: big chunks for one query, smaller ones for batches so the [Q, rows]
-  float32 scores stay around 32-64 MB.
-  """
-  if chunk_rows:
-    return int(chunk_rows)
-  if dtype is not None and _uses_native(method or _choose_method(q, dtype, None), dtype, q):
-    return 1 << 20
-  return 262144 if q <= 1 else 65536
-
-
-MIN_CHUNK_ROWS = 4096
-
-
-def host_aligned(array: np.ndarray, align: int = 64) -> np.ndarray:
-  """`array` itself if C-contiguous and `align`-byte aligned, else an aligned copy.
-
-  On CPU, `jax.device_put` of aligned host memory aliases it instead of copying (measured: 15 chunks
-  of 32 MB in 1 ms versus 270 ms with `jnp.asarray`); numpy's own allocations are only 16-byte
-  aligned, memory maps of .npy files are page + 128-byte aligned.
-  """
-  if array.flags.c_contiguous and array.ctypes.data % align == 0:
-    return array
-  buf = np.empty(array.nbytes + align, np.uint8)
-  off = (-buf.ctypes.data) % align
-  out = buf[off : off + array.nbytes].view(array.dtype).reshape(array.shape)
-  out[...] = array
-  return out
-
-
-def plan_chunks(n: int, chunk_rows: int) -> list[tuple[int, int, int]]:
-  """Splits n rows into kernel calls: [(start, rows, padded_rows)].
-
-  Full chunks of `chunk_rows`, then the tail as descending powers of two down to MIN_CHUNK_ROWS, all
-  passed without a copy; only the last < MIN_CHUNK_ROWS rows are copied into a padded buffer. So a
-  search compiles at most log2(chunk_rows / MIN_CHUNK_ROWS) + 1 shapes and never copies a segment.
-  """
-  out = []
-  start = 0
-  while n - start >= chunk_rows:
-    out.append((start, chunk_rows, chunk_rows))
-    start += chunk_rows
-  size = chunk_rows // 2
-  while size >= MIN_CHUNK_ROWS:
-    if n - start >= size:
-      out.append((start, size, size))
-      start += size
-    size //= 2
-  if n - start > 0:
-    rest = n - start
-    out.append((start, rest, max(1 << (rest - 1).bit_length(), min(MIN_CHUNK_ROWS, 1024))))
-  return out
-
-
-def chunked_topk(
-  queries: ArrayLike,
-  matrix,
-  k: int,
-  *,
-  metric: str = "cosine",
-  scales=None,
-  valid=None,
-  chunk_rows: int | None = None,
-  method: str | None = None,
-  offset: int = 0,
-  best: tuple[jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """`topk` over a host matrix (numpy or memory-mapped) streamed in fixed-size chunks.
-
-  Full chunks are handed to the kernel without a copy (`jax.device_put` aliases 64-byte-aligned host
-  memory on CPU, where `jnp.asarray` copies); the tail is zero-padded to the same shape and masked,
-  so one compiled program serves every chunk. Peak extra memory is one chunk of scores. Chunks
-  without a valid row are skipped.
-
-  Args:
-    queries: [Q, D] float.
-    matrix: [N, D] host array in a storage dtype.
-    k: results per query.
-    metric, scales, valid, method: as in `topk` (`valid` as a host bool array).
-    chunk_rows: rows per kernel call; default `chunk_rows_for`.
-    offset: added to the returned ids (the global row of `matrix[0]`).
-    best: a running [Q, k] top-k to merge into (several matrices streamed one after another).
-
-  Returns:
-    scores [Q, k] float32 and ids [Q, k] int32 as `topk` (ids: rows of `matrix` plus `offset`).
-  """
-  q = jnp.asarray(queries, jnp.float32)
-  n, d = matrix.shape
-  if best is None:
-    best = empty_topk(q.shape[0], k)
-  rows_per_call = chunk_rows_for(q.shape[0], chunk_rows, matrix.dtype, method)
-  for start, rows, padded in plan_chunks(n, rows_per_call):
-    stop = start + rows
-    va = np.ones(rows, bool) if valid is None else np.asarray(valid[start:stop], bool)
-    if not va.any():
-      continue
-    m = matrix[start:stop]
-    sc = None if scales is None else scales[start:stop]
-    if padded > rows:
-      m = np.concatenate([np.asarray(m), np.zeros((padded - rows, d), m.dtype)])
-      sc = (
-        None
-        if sc is None
-        else np.concatenate([np.asarray(sc), np.zeros(padded - rows, np.float32)])
-      )
-      va = np.concatenate([va, np.zeros(padded - rows, bool)])
-    m = jax.device_put(np.asarray(m))
-    sc = None if sc is None else jax.device_put(np.asarray(sc))
-    va = None if va.all() else va  # the no-mask variant is faster (bfloat16: 10x at Q = 1)
-    off = np.int32(offset + start)
-    best = scan_chunk(q, m, sc, va, off, *best, k=k, metric=metric, method=method)
-  return best

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
+from engine.kernels import streaming
 from engine.kernels import topk as topk_lib
 from engine.store.errors import IndexCorruptError
 from engine.store.segments import normalize_rows
@@ -44,7 +45,7 @@ def search(
     rerank: if > k, fetch this many candidates and re-score them exactly from the float32 copy
       (needs keep_float32=True unless the storage dtype is float32).
     chunk_rows: rows per kernel call (fixed shape: compiled once per query bucket); default
-      `engine.kernels.topk.chunk_rows_for(Q, dtype=...)`.
+      `engine.kernels.streaming.chunk_rows_for(Q, dtype=...)`.
     method: kernel method override, see `engine.kernels.topk.topk`.
 
   Returns:
@@ -125,7 +126,7 @@ def _scan(segs, valid, q, kk, metric, chunk_rows, method):
   qj = jax.device_put(np.concatenate([q, np.zeros((qpad - nq, q.shape[1]), np.float32)]))
   best = topk_lib.empty_topk(qpad, kk)
   for seg, v in zip(segs, valid, strict=True):
-    best = topk_lib.chunked_topk(
+    best = streaming.chunked_topk(
       qj,
       seg.vectors,
       kk,

@@ -1,0 +1,90 @@
+"""`topk` over a matrix whose rows are split across the devices of a mesh: local top-k per device,
+then an all-gather of the [Q, k] lists and one merge."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+from engine.kernels.topk import topk
+
+
+def sharded_topk(
+  queries: ArrayLike,
+  matrix: jax.Array,
+  k: int,
+  *,
+  mesh: jax.sharding.Mesh,
+  axis: str | Sequence[str] = "rows",
+  metric: str = "cosine",
+  scales: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  method: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`topk` over a matrix whose rows are split across the devices of `mesh` along `axis`.
+
+  Each device scores its own rows and keeps a local top-k; the [Q, k] lists are all-gathered and
+  merged, so only Q * k * devices values cross devices. Queries are replicated.
+
+  Args:
+    queries: [Q, D] float.
+    matrix: [N, D], N divisible by the number of devices along `axis` (pad with `valid=False` rows).
+    k: results per query.
+    mesh: e.g. `jax.make_mesh((8,), ("rows",))`.
+    axis: the mesh axis (or axes) the rows are split over.
+    metric, scales, valid, method: as in `topk`.
+
+  Returns:
+    scores [Q, k] float32 and global ids [Q, k] int32, replicated on every device.
+  """
+  row_spec = P(axis, None)
+  vec_spec = P(axis)
+  args = [jnp.asarray(queries, jnp.float32), matrix]
+  specs = [P(), row_spec]
+  has_scales, has_valid = scales is not None, valid is not None
+  if has_scales:
+    args.append(scales)
+    specs.append(vec_spec)
+  if has_valid:
+    args.append(valid)
+    specs.append(vec_spec)
+  args[1:] = [
+    jax.device_put(a, NamedSharding(mesh, sp)) for a, sp in zip(args[1:], specs[1:], strict=True)
+  ]
+
+  fn = _sharded_fn(
+    mesh,
+    axis if isinstance(axis, str) else tuple(axis),
+    k,
+    metric,
+    method,
+    has_scales,
+    has_valid,
+    tuple(specs),
+  )
+  return fn(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_fn(mesh, axis, k, metric, method, has_scales, has_valid, specs):
+  def local(q, m, *rest):
+    rest = list(rest)
+    sc = rest.pop(0) if has_scales else None
+    va = rest.pop(0) if has_valid else None
+    s, i = topk(q, m, k, metric=metric, scales=sc, valid=va, method=method)
+    i = jnp.where(i >= 0, i + lax.axis_index(axis) * m.shape[0], -1)
+    all_s = lax.all_gather(s, axis, axis=1, tiled=True)
+    all_i = lax.all_gather(i, axis, axis=1, tiled=True)
+    v, j = lax.top_k(all_s, k)
+    return v, jnp.take_along_axis(all_i, j, axis=1)
+
+  return jax.jit(
+    jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False)
+  )
