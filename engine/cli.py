@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 
 from absl import app, flags, logging
@@ -106,6 +107,14 @@ def explicit_settings() -> set[str]:
   if "layer" in f and f.layer is not None:
     given.add("descriptor")
   return given
+
+
+def check_output_file(path: str | None) -> None:
+  """Refuses an output file whose folder does not exist, before any work is done."""
+  if path:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+      raise UserError(f"cannot write {path}: the folder {folder} does not exist")
 
 
 @contextlib.contextmanager

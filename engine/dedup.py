@@ -31,6 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
+    cli.check_output_file(_HTML.value)
     if not -1.0 <= _THRESHOLD.value <= 1.0:
       raise cli.UserError(f"--threshold must be in [-1, 1], got {_THRESHOLD.value}")
     if not store.exists(_INDEX.value):

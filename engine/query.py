@@ -36,6 +36,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
+    cli.check_output_file(_HTML.value)
     if _K.value <= 0:
       raise cli.UserError(f"--k must be positive, got {_K.value}")
     extractor = extraction.for_index(_INDEX.value, cli.settings(), explicit=cli.explicit_settings())

@@ -1,11 +1,15 @@
 """Edges of the app layer: k beyond the size of the index, the dtype of an existing index."""
 
+import dataclasses
+import os
+import threading
+
 import pytest
 from conftest import write_image
 
-from engine.app import indexing, retrieval
+from engine.app import extraction, indexing, report, retrieval, walk
 from engine.common.errors import UserError
-from engine.features.extractor import Extractor
+from engine.features.extractor import Extractor, IncompatibleExtractorError
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +36,40 @@ def test_an_existing_index_keeps_its_dtype(three):
     indexing.index_folder(str(folder), index, extractor, dtype="float16", progress=False)
   report = indexing.index_folder(str(folder), index, extractor, dtype="int8", progress=False)
   assert report.indexed == 0
+
+
+def test_one_setting_given_for_an_index_keeps_the_others(three):
+  folder, index, extractor = three
+  settings = extraction.Settings(weights="auto", config="vgg16", image_size=None)
+  same = extraction.for_index(
+    index, dataclasses.replace(settings, image_size=64), explicit={"image_size"}
+  )
+  assert same.fingerprint() == extractor.fingerprint()
+  with pytest.raises(IncompatibleExtractorError, match="preprocessing"):
+    extraction.for_index(
+      index, dataclasses.replace(settings, image_size=96), explicit={"image_size"}
+    )
+
+
+def test_links_to_fifos_and_devices_say_what_they_are(tmp_path):
+  os.mkfifo(tmp_path / "pipe")
+  (tmp_path / "fifo.jpg").symlink_to(tmp_path / "pipe")
+  (tmp_path / "dev.jpg").symlink_to("/dev/null")
+  (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing")
+  _, bad = walk.split_images(str(tmp_path))
+  reasons = {os.path.basename(p): r for p, r in bad}
+  assert reasons == {
+    "fifo.jpg": "symbolic link to a FIFO, not a file",
+    "dev.jpg": "symbolic link to a character device, not a file",
+    "gone.jpg": "broken symbolic link",
+  }
+
+
+def test_a_thumbnail_of_a_fifo_does_not_block(tmp_path):
+  os.mkfifo(tmp_path / "x.jpg")
+  done = []
+  t = threading.Thread(target=lambda: done.append(report.thumbnail_uri(str(tmp_path / "x.jpg"))))
+  t.daemon = True
+  t.start()
+  t.join(20)
+  assert done == [None]

@@ -149,9 +149,13 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, photos):
   index = str(tmp_path / "idx")
   run("engine.index", f"--images={photos}", f"--index={index}", *TINY)
   query = str(photos / "p0.jpg")
-  for args in (["--k=0"], ["--k=100"]):
-    p = run("engine.query", f"--index={index}", f"--query={query}", *args, ok=False)
-    assert "k" in p.stderr
+  p = run("engine.query", f"--index={index}", f"--query={query}", "--k=0", ok=False)
+  assert "k" in p.stderr
+  # Checked before any work: not after extracting and searching.
+  p = run(
+    "engine.query", f"--index={index}", f"--query={query}", "--html=/no/such/r.html", ok=False
+  )
+  assert "the folder /no/such does not exist" in p.stderr and "RANDOM" not in p.stdout
   p = run("engine.query", f"--index={tmp_path / 'missing'}", f"--query={query}", ok=False)
   assert "no index" in p.stderr
   p = run(

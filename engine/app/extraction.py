@@ -149,8 +149,23 @@ def for_index(
   with store.Index.open(index_path, readonly=True) as idx:
     meta = idx.metadata
   if any(name in explicit for name in COMPARED):
-    recorded = meta.get("extractor", {}).get("descriptor", {}).get("name")
-    ex = build(descriptor or recorded, settings)
+    # Settings not given come from the index, so one flag does not reset the others to defaults.
+    fp = meta.get("extractor", {})
+    desc, pre = fp.get("descriptor", {}), fp.get("preprocessing", {})
+    recorded = {
+      "weights": meta.get("weights_spec"),
+      "config": fp.get("model"),
+      "precision": fp.get("precision"),
+      "resize": pre.get("resize"),
+      "image_size": pre.get("size"),
+      "gem_p": desc.get("p"),
+    }
+    settings = dataclasses.replace(
+      settings,
+      **{k: v for k, v in recorded.items() if k not in explicit and v is not None},
+    )
+    name = descriptor if "descriptor" in explicit else desc.get("name", descriptor)
+    ex = build(name, settings, normalize=desc.get("normalize", True))
     check_compatible(meta, ex)
     return ex
   weights = resolve_weights(settings.weights) if "weights" in explicit else None

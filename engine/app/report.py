@@ -7,6 +7,7 @@ import dataclasses
 import html
 import io
 import os
+import stat
 
 from PIL import Image, ImageOps
 
@@ -40,6 +41,8 @@ class Row:
 def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
   """A small JPEG of the image as a data: URI, or None when it cannot be decoded."""
   try:
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+      return None
     with Image.open(path) as img:
       if img.width * img.height > images.MAX_PIXELS:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from collections.abc import Iterator
 
 from engine.features import images
@@ -90,8 +91,25 @@ def find_images(root: str | os.PathLike) -> Iterator[Found]:
       elif (
         entry.is_symlink() and os.path.splitext(entry.name)[1].lower() in images.IMAGE_EXTENSIONS
       ):
-        yield Found(entry.path, "broken symbolic link")
+        yield Found(entry.path, _link_target_kind(entry.path))
     stack.extend(reversed(subfolders))
+
+
+def _link_target_kind(path: str) -> str:
+  """Why a symbolic link that is neither a file nor a folder is skipped."""
+  try:
+    mode = os.stat(path).st_mode
+  except OSError:
+    return "broken symbolic link"
+  for test, kind in (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+  ):
+    if test(mode):
+      return f"symbolic link to {kind}, not a file"
+  return "symbolic link to something that is not a file"
 
 
 def split_images(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
