@@ -1,7 +1,8 @@
 r"""Indexes a photo folder, incrementally.
 
   python -m engine.index --images=DIR --index=DIR [--weights=...] [--descriptor=gem]
-      [--dtype=int8] [--batch_size=16] [--prune]
+      [--dtype=int8] [--batch_size=16] [--prune] [--compact]
+  python -m engine.index --index=DIR --compact
 
 Walks DIR recursively (symlink loops are visited once), picks images by content as well as by
 extension, extracts only new or changed files and commits every --commit_every images: an
@@ -29,6 +30,11 @@ _DTYPE = flags.DEFINE_enum(
   "Storage dtype of a new index (an existing one keeps its own).",
 )
 _PRUNE = flags.DEFINE_bool("prune", False, "Remove indexed files under --images that vanished.")
+_COMPACT = flags.DEFINE_bool(
+  "compact",
+  False,
+  "Then rewrite the index as few segments without deleted rows (--images may then be left out).",
+)
 _COMMIT_EVERY = flags.DEFINE_integer(
   "commit_every", 256, "Images per commit: the most work an interruption loses.", lower_bound=1
 )
@@ -38,7 +44,7 @@ _REPORT = flags.DEFINE_string(
 cli.define_descriptor_flags("gem", "Descriptor for a new index.")
 cli.define_extractor_flags()
 flags.adopt_module_key_flags(cli)
-flags.mark_flags_as_required(["images", "index"])
+flags.mark_flag_as_required("index")
 
 
 def main(argv):
@@ -46,7 +52,12 @@ def main(argv):
   sys.stdout.reconfigure(errors="backslashreplace")
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _IMAGES.value is None and not _COMPACT.value:
+    raise app.UsageError("--images is required (unless --compact alone is asked for)")
   with cli.user_errors():
+    if _IMAGES.value is None:
+      _compact()
+      return
     extractor = extraction.for_index(
       _INDEX.value,
       cli.settings(),
@@ -72,6 +83,15 @@ def main(argv):
       raise cli.UserError("no image could be indexed")
     if result.indexed + result.unchanged + len(result.failed) == 0:
       raise cli.UserError(f"no images found under {_IMAGES.value}")
+    if _COMPACT.value:
+      _compact()
+
+
+def _compact() -> None:
+  with store.Index.open(_INDEX.value) as idx:
+    before = len(idx.segments)
+    idx.compact()
+    print(f"compacted {before} segments into {len(idx.segments)} ({len(idx)} images)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import atexit
 import html.parser
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,8 +96,11 @@ def test_index_reindex_add_change_prune_query_dedup(tmp_path, photos):
   assert _summary(third)["indexed"] == 2 and _summary(third)["unchanged"] == 6
 
   os.remove(photos / "p3.jpg")
-  fourth = run("engine.index", f"--images={photos}", f"--index={index}", "--prune", *TINY)
+  fourth = run(
+    "engine.index", f"--images={photos}", f"--index={index}", "--prune", "--compact", *TINY
+  )
   assert _summary(fourth)["pruned"] == 1
+  assert re.search(r"compacted \d+ segments into 1 \(7 images\)", fourth.stdout), fourth.stdout
 
   q = run(
     "engine.query",

@@ -50,7 +50,7 @@ def test_high_bit_depth_scaling_matches_a_float64_reference(mode):
     ref = np.nan_to_num((arr - finite.min()) / (finite.max() - finite.min()) * 255.0)
   img = Image.fromarray(arr, mode if mode != "I;16" else None)
   assert img.mode == mode
-  got = images._to_l8(img)
+  got = images.to_l8(img)
   want = np.clip(np.floor(ref + 0.5), 0, 255).astype(np.uint8)
   assert np.abs(got.astype(int) - want).max() <= 1  # float32 rounding at .5 boundaries
 

@@ -48,7 +48,7 @@ def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
         return None
       img.draft("RGB", (side, side))
       img = ImageOps.exif_transpose(img)
-      img = images._to_rgb(img)
+      img = images.to_rgb(img)
       img.thumbnail((side, side))
       buf = io.BytesIO()
       img.save(buf, "JPEG", quality=80)

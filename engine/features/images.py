@@ -23,7 +23,7 @@ MAX_PIXELS = 150_000_000
 # (`decode_bytes`), so a 16-bit or float image counts for more than an 8-bit one of its size.
 MAX_DECODE_BYTES = 1_200_000_000
 # Peak bytes per pixel of decoding a mode and converting it to RGB: Pillow's own buffer, the numpy
-# view of a high-bit-depth image (`_to_l8`), the 8-bit result and Pillow's 4-byte RGB.
+# view of a high-bit-depth image (`to_l8`), the 8-bit result and Pillow's 4-byte RGB.
 _PEAK_BYTES_PER_PIXEL = {"1": 5, "L": 5, "P": 5, "I;16": 9, "I": 13, "F": 13}
 _HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _BLOCK_PIXELS = 1 << 20  # high-bit-depth conversion works on blocks of rows of about this many
@@ -99,10 +99,10 @@ def sniff(path: str | os.PathLike) -> bool:
     return False
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
   """Any Pillow mode -> RGB; transparency is composited over white."""
   if img.mode in _HIGH_BIT_DEPTH:
-    img = Image.fromarray(_to_l8(img), "L")
+    img = Image.fromarray(to_l8(img), "L")
   if img.mode == "P" and "transparency" in img.info:
     img = img.convert("RGBA")
   if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -112,7 +112,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def _to_l8(img: Image.Image) -> np.ndarray:
+def to_l8(img: Image.Image) -> np.ndarray:
   """A 16-bit, 32-bit integer or float grey image -> `[H, W]` uint8, scaled to its range (16-bit
   and wide integers by their full scale, float by min..max), one block of rows at a time in float32
   so no temporary of the whole image is wider than the image itself."""
@@ -172,7 +172,7 @@ def _draft_size(img: Image.Image, pre: Preprocessing) -> tuple[int, int]:
 
 def prepare(img: Image.Image, pre: Preprocessing) -> np.ndarray:
   """A Pillow image (any mode) -> `[H, W, 3]` uint8 RGB of the policy's shape."""
-  arr = np.asarray(_resize(_to_rgb(img), pre), dtype=np.uint8)
+  arr = np.asarray(_resize(to_rgb(img), pre), dtype=np.uint8)
   if arr.ndim != 3 or arr.shape[2] != 3:
     raise ImageError(f"unexpected decoded shape {arr.shape}")
   return arr
