@@ -189,3 +189,18 @@ def test_whitening_reduction_keeps_the_largest_eigenvalues_in_order():
   # the reduced projection is the leading columns of the full one (up to sign)
   a, b = w.projection, full.projection[:, :3]
   np.testing.assert_allclose(np.abs((a * b).sum(0)) / (np.linalg.norm(a, axis=0) ** 2), 1, 1e-4)
+
+
+def test_gem_clamps_below_at_eps():
+  # As cnnimageretrieval's gem (x.clamp(min=eps)): negative and all-zero channels stay finite.
+  fmap = np.random.default_rng(7).normal(size=(2, 4, 5, 6)).astype(np.float32)
+  fmap[:, :, :, 0] = 0.0
+  fmap[:, :, :, 1] = -1.0
+  for p in (1.0, 2.0, 3.0):  # EPS**p still a float32 normal number
+    got = np.asarray(descriptors.gem(fmap, p))
+    ref = (np.maximum(fmap.astype(np.float64), descriptors.EPS) ** p).mean((1, 2)) ** (1 / p)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(got[:, :2], descriptors.EPS, rtol=1e-4)
+  got = np.asarray(descriptors.gem(fmap, 7.5))  # EPS**7.5 underflows: 0, never nan
+  assert np.isfinite(got).all() and (got[:, :2] >= 0).all() and (got[:, :2] <= 1e-6).all()
