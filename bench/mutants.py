@@ -62,6 +62,7 @@ _T_IO = ("tests/test_fileio.py",)
 _T_HTML = ("tests/test_report_escaping.py",)
 _T_CONV = ("tests/test_conventions.py",)
 _T_RECOVER = (
+  "tests/test_catalog_recover.py",
   "tests/test_store.py::test_crash_before_manifest_commit_keeps_last_state",
   "tests/test_faults.py::test_manifest_one_commit_older_rolls_back_two_older_is_refused",
 )
@@ -326,6 +327,13 @@ MUTANTS = [
     "recover-keeps-uncommitted-tombstones",
     _CAT,
     '      db.execute("UPDATE rows SET deleted_gen = NULL WHERE deleted_gen > ?", (generation,))\n',
+    "",
+    _T_RECOVER,
+  ),
+  Mutant(
+    "recover-keeps-unlisted-segments",
+    _CAT,
+    '      db.execute("DELETE FROM rows WHERE segment NOT IN (SELECT name FROM live_segments)")\n',
     "",
     _T_RECOVER,
   ),
