@@ -111,6 +111,37 @@ def _run(method, n, k, metric="cosine", valid=None, seed=0, nq=Q):
   _check(s, i, _reference(seen, rows, metric, valid, qq), k, tol)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_chunked_and_merged_equal_the_whole(dtype):
+  q, m = _data(20000, 5)
+  mat, scales, rows = _store(m, dtype)
+  valid = np.random.default_rng(5).uniform(size=20000) < 0.7
+  method = "int8-xla" if dtype == "int8" else None
+  s, i = topk_lib.chunked_topk(
+    q, mat, 10, scales=scales, valid=valid, chunk_rows=8192, method=method
+  )
+  seen = q / np.linalg.norm(q, axis=1, keepdims=True)
+  if dtype == "int8":
+    seen = _seen_queries(seen, "int8")
+  _check(s, i, _reference(seen.astype(np.float64), rows, "cosine", valid), 10, 2e-5)
+  # merge_topk of two halves' lists equals the top-k of the whole
+  a = topk_lib.topk(q, m[:8192], 10, method="f32")
+  b = topk_lib.topk(q, m[8192:], 10, method="f32")
+  ms, mi = topk_lib.merge_topk(a[0], a[1], b[0], np.asarray(b[1]) + 8192, 10)
+  _check(
+    ms,
+    mi,
+    _reference(
+      seen if dtype != "int8" else q / np.linalg.norm(q, axis=1, keepdims=True),
+      m.astype(np.float64),
+      "cosine",
+      None,
+    ),
+    10,
+    2e-5,
+  )
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("n,k", [(8192, 16), (16384, 5), (8192, 1), (3000, 7)])
 def test_methods_against_brute_force(method, n, k):
@@ -157,34 +188,3 @@ def test_best_matches_clustered_in_one_block():
     s, i, _reference(q / np.linalg.norm(q, axis=1, keepdims=True), m, "cosine", None), 16, 2e-5
   )
   assert set(np.asarray(i)[0].tolist()) == set(range(128 * 7, 128 * 7 + 16))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_chunked_and_merged_equal_the_whole(dtype):
-  q, m = _data(20000, 5)
-  mat, scales, rows = _store(m, dtype)
-  valid = np.random.default_rng(5).uniform(size=20000) < 0.7
-  method = "int8-xla" if dtype == "int8" else None
-  s, i = topk_lib.chunked_topk(
-    q, mat, 10, scales=scales, valid=valid, chunk_rows=8192, method=method
-  )
-  seen = q / np.linalg.norm(q, axis=1, keepdims=True)
-  if dtype == "int8":
-    seen = _seen_queries(seen, "int8")
-  _check(s, i, _reference(seen.astype(np.float64), rows, "cosine", valid), 10, 2e-5)
-  # merge_topk of two halves' lists equals the top-k of the whole
-  a = topk_lib.topk(q, m[:8192], 10, method="f32")
-  b = topk_lib.topk(q, m[8192:], 10, method="f32")
-  ms, mi = topk_lib.merge_topk(a[0], a[1], b[0], np.asarray(b[1]) + 8192, 10)
-  _check(
-    ms,
-    mi,
-    _reference(
-      seen if dtype != "int8" else q / np.linalg.norm(q, axis=1, keepdims=True),
-      m.astype(np.float64),
-      "cosine",
-      None,
-    ),
-    10,
-    2e-5,
-  )
