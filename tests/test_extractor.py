@@ -24,8 +24,13 @@ def test_poolings_match_numpy():
     descriptors.gem(fmap, 3.0), np.cbrt((fmap.astype(np.float64) ** 3).mean((1, 2))), rtol=1e-5
   )
   np.testing.assert_allclose(descriptors.gem(fmap, 1.0), fmap.mean((1, 2)), rtol=1e-5)
+  # The published grid for a 6x9 map, L = 3 (one extra region on the long side), by hand.
+  regions = [(0, 0, 6, 9)] + [(0, left, 6, 6) for left in (0, 3)]
+  regions += [(top, left, 4, 4) for top in (0, 2) for left in (0, 2, 5)]
+  regions += [(top, left, 3, 3) for top in (0, 1, 3) for left in (0, 2, 4, 6)]
+  assert descriptors.rmac_regions(6, 9, 3) == regions
   ref = 0
-  for top, left, h, w in descriptors.rmac_regions(6, 9, 3):
+  for top, left, h, w in regions:
     v = fmap[:, top : top + h, left : left + w].max((1, 2))
     ref = ref + v / np.linalg.norm(v, axis=1, keepdims=True)
   np.testing.assert_allclose(descriptors.rmac(fmap, 3), ref, rtol=1e-5)
