@@ -49,6 +49,7 @@ class Mutant:
 
 _DESC = "engine/features/descriptors.py"
 _TOPK = "engine/kernels/topk.py"
+_STREAMING = "engine/kernels/streaming.py"
 _SEG = "engine/store/segments.py"
 _FILEIO = "engine/common/fileio.py"
 _REPORT = "engine/app/report.py"
@@ -209,7 +210,7 @@ MUTANTS = [
   ),
   Mutant(
     "scan-chunk-no-offset",
-    _TOPK,
+    _STREAMING,
     "i = jnp.where(i >= 0, i + offset, -1)",
     "i = jnp.where(i >= 0, i, -1)",
     _T_TOPK,
@@ -257,7 +258,7 @@ MUTANTS = [
     "jnp.float32(2.0**-23)",
     ("tests/test_search.py::test_half_storage_scores_the_stored_values",),
   ),
-  Mutant("chunk-skip-partial", _TOPK, "if not va.any():", "if not va.all():", _T_TOPK),
+  Mutant("chunk-skip-partial", _STREAMING, "if not va.any():", "if not va.all():", _T_TOPK),
   # store re-scoring
   Mutant(
     "rescore-l2-sign",

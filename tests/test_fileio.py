@@ -74,5 +74,5 @@ def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path, recorde
 def test_new_files_get_the_umask_permissions(tmp_path):
   target = tmp_path / "perm.txt"
   fileio.atomic_write_text(target, "x")
-  assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~fileio.UMASK
+  assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~fileio.current_umask()
   assert target.read_text() == "x"
