@@ -327,6 +327,24 @@ def fresh(monkeypatch, tmp_path):
   return root, runs
 
 
+def test_the_build_compiles_every_source_and_its_key_covers_each_file(monkeypatch, tmp_path):
+  # Every .cc of the package but the test program goes into the library, and a change to any
+  # source or to the header names another library (a stale one is never loaded for new code).
+  here = native.SOURCE.parent
+  assert {p.name for p in native.SOURCES} == {p.name for p in here.glob("*.cc")} - {"neon_check.cc"}
+  assert {p.name for p in native.HEADERS} == {p.name for p in here.glob("*.h")}
+  files = (*native.SOURCES, *native.HEADERS)
+  keys = {native._key(sys.executable)}
+  for i, path in enumerate(files):
+    changed = tmp_path / path.name
+    changed.write_bytes(path.read_bytes() + b"\n")
+    edited = files[:i] + (changed,) + files[i + 1 :]
+    monkeypatch.setattr(native, "SOURCES", edited[: len(native.SOURCES)])
+    monkeypatch.setattr(native, "HEADERS", edited[len(native.SOURCES) :])
+    keys.add(native._key(sys.executable))
+  assert len(keys) == len(files) + 1
+
+
 def _warnings(caplog):
   return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 

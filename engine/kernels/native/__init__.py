@@ -1,7 +1,9 @@
 """Native CPU kernels, called from jit-compiled code through XLA's FFI: the one owner of them.
 
-`scan_topk.cc` is a fused scan + top-k over int8, bfloat16 and float16 rows (see its header and
-BUILD.md for why XLA's own products are not enough on CPU). This module is its only Python face:
+`scan_topk.cc` is a fused scan + top-k over int8, bfloat16 and float16 rows (see `scan_topk.h` and
+BUILD.md for why XLA's own products are not enough on CPU); the loops of each instruction set live in
+`scan_avx512.cc`, `scan_avx2.cc` and `scan_neon.cc`, all compiled by one compiler run into one
+library (`SOURCES`; `neon_check.cc` is a test program). This module is its only Python face:
 `scan_topk(...)` is the FFI call that `engine.kernels.topk` and the tests make, `available(dtype)`
 and `isa(dtype)` say whether and how a dtype runs natively here, `build()` compiles the library.
 
@@ -14,8 +16,9 @@ seconds, and its failure modes, inside the first query of a service.
 Run-time CPU dispatch. The CPU's features are read first (/proc/cpuinfo); a CPU that runs none
 of the kernels' instruction sets (AVX2 + FMA + F16C, AVX-512, AArch64 NEON) gets no compiler run at
 all. On x86-64 the one library holds the AVX2 and the AVX-512 loops (per-function target
-attributes, baseline code elsewhere) and each call takes the best one the CPU has, unless `isa`
-names another (tests):
+attributes, baseline code elsewhere: no file is compiled with -m flags, so no AVX-512 code reaches
+the paths an AVX2 CPU runs) and each call takes the best one the CPU has, unless `isa` names another
+(tests):
   * int8: AVX512-VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd);
   * bfloat16: AVX512-BF16 (vdpbf16ps), else AVX2 (rows widened by a shift, FMA);
   * float16: AVX-512 (few queries), else AVX2 + F16C (vcvtph2ps, FMA).
@@ -23,10 +26,11 @@ On AArch64 NEON loops serve up to 8 queries (int8 with sdot when the CPU has it:
 built with +dotprod; bfloat16 and float16 widened exactly, FMA); larger batches run XLA's products.
 
 Cache trust. The library lives in `native/` of the engine's cache (`$VGG_RETRIEVAL_CACHE`, default
-`~/.cache/vgg-retrieval`), named by a key of the source, jaxlib, the compiler and its flags, with a
-sha256 digest written beside it at build time. It is loaded only when every folder from the cache
-root down is owned by this user and not writable by group or others, and the file's digest matches
-the recorded one: a torn or planted library is never dlopen'ed (`build()` rebuilds a mismatch).
+`~/.cache/vgg-retrieval`), named by a key of the sources and the header, jaxlib, the compiler and
+its flags, with a sha256 digest written beside it at build time. It is loaded only when every folder
+from the cache root down is owned by this user and not writable by group or others, and the file's
+digest matches the recorded one: a torn or planted library is never dlopen'ed (`build()` rebuilds a
+mismatch).
 
 Where no kernel can be used (another architecture, a CPU without the extensions, no library built,
 an untrusted cache, `VGG_RETRIEVAL_NATIVE=0`) `available(dtype)` is False, one WARNING line says
@@ -54,13 +58,20 @@ from engine.common import fileio
 INT8_TOPK = "vgg_int8_topk"
 BF16_TOPK = "vgg_bf16_topk"
 F16_TOPK = "vgg_f16_topk"
-SOURCE = Path(__file__).with_name("scan_topk.cc")
+_HERE = Path(__file__).parent
+# The library's sources, in one place: compiled together by one compiler run. Each loop file is
+# empty on the other architecture (#if), so one list serves x86-64 and AArch64.
+SOURCES = tuple(
+  _HERE / name for name in ("scan_topk.cc", "scan_avx512.cc", "scan_avx2.cc", "scan_neon.cc")
+)
+HEADERS = (_HERE / "scan_topk.h",)
+SOURCE = SOURCES[0]  # the dispatch and the FFI handlers
 # ISO C++ (no -ffast-math, no FMA contraction): scores are the same float operations on every path.
 _FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-w")
 DTYPES = ("int8", "bfloat16", "float16")
 
 # The instruction-set paths of each dtype, best first: (name, code passed to the kernel, the
-# /proc/cpuinfo flags it needs). The codes are scan_topk.cc's kIsa*.
+# /proc/cpuinfo flags it needs). The codes are scan_topk.h's kIsa*.
 _AVX2 = frozenset({"avx2", "fma", "f16c"})
 _AVX512 = frozenset({"avx512f", "avx512bw"})
 _NEON = ("neon", 3, frozenset({"asimd"}))  # AArch64; int8 uses sdot where the CPU has asimddp
@@ -149,8 +160,10 @@ def _key(cxx: str) -> str:
 
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
   digest = hashlib.sha256()
+  for path in (*SOURCES, *HEADERS):  # the name too: a part moved between files changes the key
+    digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+    digest.update(path.read_bytes())
   for part in (
-    SOURCE.read_bytes(),
     jaxlib.__version__.encode(),
     version.encode(),
     str(_flags(cpu_flags())).encode(),
@@ -161,7 +174,7 @@ def _key(cxx: str) -> str:
 
 
 def library_path() -> Path:
-  """Where the library for this source, jaxlib and compiler lives (built or not).
+  """Where the library for these sources, jaxlib and compiler lives (built or not).
 
   Raises:
     RuntimeError: no C++ compiler found.
@@ -191,16 +204,18 @@ def verify(lib: Path) -> str | None:
 
 
 def _compile(cxx: str, out: Path) -> None:
-  """Compiles SOURCE into the file `out` (a scratch path)."""
+  """Compiles SOURCES into the one library `out` (a scratch path)."""
   import jax
 
+  include = f"-I{jax.ffi.include_dir()}"
   proc = subprocess.run(
-    [cxx, *_flags(cpu_flags()), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)],
+    [cxx, *_flags(cpu_flags()), include, *map(str, SOURCES), "-o", str(out)],
     capture_output=True,
     text=True,
   )
   if proc.returncode != 0:
-    raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+    names = ", ".join(p.name for p in SOURCES)
+    raise RuntimeError(f"compiling {names} failed:\n{proc.stderr[-4000:]}")
 
 
 def _cannot_run(flags: frozenset[str]) -> str | None:
@@ -213,7 +228,7 @@ def _cannot_run(flags: frozenset[str]) -> str | None:
 
 
 def build() -> Path:
-  """Compiles `scan_topk.cc` unless a verified library for this source, jaxlib and compiler exists.
+  """Compiles SOURCES unless a verified library for these sources, jaxlib and compiler exists.
 
   Returns:
     The library's path; its sha256 digest is recorded beside it.

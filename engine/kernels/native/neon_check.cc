@@ -1,6 +1,8 @@
-// The AArch64 NEON loops of scan_topk.cc against float64 / integer references, one thread, no XLA:
+// The AArch64 NEON loops of scan_neon.cc against float64 / integer references, one thread, no XLA:
 // tests/test_native.py cross-compiles it (with and without +dotprod) and runs it under
-// qemu-aarch64 where those tools are installed. Exit status 1 on a mismatch.
+// qemu-aarch64 where those tools are installed. Exit status 1 on a mismatch. One translation unit:
+// the loops' file and the handlers' (for the peak and FromBf16) are included whole.
+#include "scan_neon.cc"
 #include "scan_topk.cc"
 
 #include <cstdio>
