@@ -187,3 +187,20 @@ def test_values_the_dtype_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="beyond what float16 can store"):
       idx.add(np.full((1, D), 1e5, np.float32), ["a"])
     assert len(idx) == 0
+
+
+def test_a_reader_racing_a_merge_reloads(tmp_path, monkeypatch):
+  path = str(tmp_path / "idx")
+  x, keys = _make(path)
+  real, fired = np.load, []
+
+  def load(fname, *a, **kw):  # the writer's merge removes the file between the checks and the map
+    if not fired:
+      fired.append(fname)
+      with Index.open(path) as writer:
+        writer.compact()
+    return real(fname, *a, **kw)
+
+  monkeypatch.setattr(np, "load", load)
+  with Index.open(path, readonly=True) as idx:
+    assert fired and idx.keys() == keys

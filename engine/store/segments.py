@@ -136,7 +136,10 @@ def map_file(fpath: str, want_dtype, want_shape, info: dict, verify: bool) -> np
     raise IndexCorruptError(f"segment file {fpath} fails its sha256 checksum")
   if want_shape[0] == 0:
     return np.zeros(want_shape, want_dtype)
-  arr = np.load(fpath, mmap_mode="r")
+  try:
+    arr = np.load(fpath, mmap_mode="r")
+  except FileNotFoundError:  # removed since the checks above: a writer's commit replaced it
+    raise IndexCorruptError(f"segment file {fpath} listed in the manifest is missing") from None
   if "sample_sha256" in info and _sample_digest(arr) != info["sample_sha256"]:
     raise IndexCorruptError(
       f"segment file {fpath} fails its sample checksum (damaged or replaced by another file)"
