@@ -114,20 +114,17 @@ class Commits:
     self._commit_manifest([entry])
     self._mark_deleted(replaced)
     base = sum(sg.rows for sg in self._segments)
-    arrays = seg_lib.map_segment(self.path, entry, self.dtype, self.dim, verify=False)
-    self._segments.append(
-      Segment(
-        name=name,
-        rows=len(keys),
-        base=base,
-        vectors=arrays["vectors"],
-        scales=arrays.get("scales"),
-        float32=arrays.get("float32"),
-        keys=np.array(keys, dtype=object),
-        deleted=np.zeros(len(keys), bool),
-        files=files,
-      )
+    seg = seg_lib.open_segment(
+      self.path,
+      entry,
+      self.dtype,
+      self.dim,
+      base=base,
+      keys=np.array(keys, dtype=object),
+      deleted=np.zeros(len(keys), bool),
+      verify=False,
     )
+    self._segments.append(seg)
     if self._key_rows is not None:
       self._key_rows.update(zip(keys, range(base, base + len(keys)), strict=True))
 

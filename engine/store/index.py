@@ -73,9 +73,12 @@ def _load_segments(
   out, base = [], 0
   for entry in m["segments"]:
     name, rows = entry["name"], int(entry["rows"])
-    arrays = seg_lib.map_segment(folder, entry, m["dtype"], int(m["dim"]), verify)
     keys = np.empty(rows, dtype=object)
     deleted = np.zeros(rows, dtype=bool)
+    # The files first (a damaged file is named before the catalog's view of it), then the rows.
+    seg = seg_lib.open_segment(
+      folder, entry, m["dtype"], int(m["dim"]), base=base, keys=keys, deleted=deleted, verify=verify
+    )
     seen = np.zeros(rows, dtype=bool)
     for row, key, dead in catalog.segment_rows(name, gen):
       if not 0 <= row < rows or seen[row]:
@@ -92,19 +95,7 @@ def _load_segments(
       raise IndexCorruptError(
         f"catalog {catalog.path}: the keys of segment {name} fail their checksum (damaged catalog)"
       )
-    out.append(
-      Segment(
-        name=name,
-        rows=rows,
-        base=base,
-        vectors=arrays["vectors"],
-        scales=arrays.get("scales"),
-        float32=arrays.get("float32"),
-        keys=keys,
-        deleted=deleted,
-        files=entry["files"],
-      )
-    )
+    out.append(seg)
     base += rows
   return out
 

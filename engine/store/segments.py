@@ -270,24 +270,39 @@ def write_segment(folder: str, name: str, vectors: np.ndarray, dtype: str, keep_
   return files
 
 
-def map_segment(folder: str, entry: dict, dtype: str, dim: int, verify: bool) -> dict:
-  """Maps every file of a manifest segment entry: role -> array (bfloat16 viewed as such)."""
+def open_segment(
+  folder: str,
+  entry: dict,
+  dtype: str,
+  dim: int,
+  *,
+  base: int,
+  keys: np.ndarray,
+  deleted: np.ndarray,
+  verify: bool,
+) -> Segment:
+  """Maps every file of a (validated) manifest segment entry into a Segment at global row `base`."""
   rows = int(entry["rows"])
   arrays = {}
   for role, info in entry["files"].items():
-    fname = info.get("file")
-    if not isinstance(fname, str) or not is_segment_file(fname):
-      raise IndexCorruptError(
-        f"manifest {os.path.join(folder, 'MANIFEST.json')}: segment file name {fname!r} is not one this "
-        "engine writes"
-      )
     want_dtype, want_shape = expected(role, dtype, rows, dim)
-    arrays[role] = map_file(os.path.join(folder, fname), want_dtype, want_shape, info, verify)
+    arrays[role] = map_file(
+      os.path.join(folder, info["file"]), want_dtype, want_shape, info, verify
+    )
   if dtype == "int8" and "scales" not in arrays:
     raise IndexCorruptError(f"manifest lists no scales file for int8 segment {entry['name']}")
-  if dtype == "bfloat16":
-    arrays["vectors"] = arrays["vectors"].view(ml_dtypes.bfloat16)
-  return arrays
+  vectors = arrays["vectors"]
+  return Segment(
+    name=entry["name"],
+    rows=rows,
+    base=base,
+    vectors=vectors.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else vectors,
+    scales=arrays.get("scales"),
+    float32=arrays.get("float32"),
+    keys=keys,
+    deleted=deleted,
+    files=entry["files"],
+  )
 
 
 def compaction_plan(segs: list[Segment], max_rows: int) -> list[list[tuple[Segment, np.ndarray]]]:
