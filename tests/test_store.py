@@ -2,12 +2,11 @@
 
 import json
 import os
-import pathlib
 import signal
-import sqlite3
 import subprocess
 import sys
 
+import faultlib
 import jax
 import numpy as np
 import pytest
@@ -302,15 +301,6 @@ def _killed_at(point, n, path, op):
   assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
 
 
-def _catalog_counts(p):
-  uri = pathlib.Path(p, store_mod.CATALOG).as_uri() + "?mode=ro"
-  db = sqlite3.connect(uri, uri=True)
-  try:
-    return db.execute("SELECT COUNT(*), COUNT(deleted_gen) FROM rows").fetchone()
-  finally:
-    db.close()
-
-
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the children never call JAX
 def test_crash_before_manifest_commit_keeps_last_state(tmp_path):
   x, keys = _data(7, n=600)
@@ -326,7 +316,7 @@ def test_crash_before_manifest_commit_keeps_last_state(tmp_path):
     with Index.open(p) as idx:
       assert len(idx) == 300 and sorted(idx.keys()) == sorted(keys[:300])
       np.testing.assert_array_equal(idx.search(x[:5], k=5)[1], committed[1])
-    assert _catalog_counts(p) == (300, 0)
+    assert faultlib.catalog_query(p, "SELECT COUNT(*), COUNT(deleted_gen) FROM rows") == [(300, 0)]
     assert _files(p) == files_before
 
   # 1. add: segment written and catalog committed, manifest not replaced. Re-adding key 0 would
