@@ -23,13 +23,25 @@ def scan_chunk(
   offset: jax.Array,
   best_scores: jax.Array,
   best_ids: jax.Array,
+  query_offset: jax.Array | None = None,
+  row_weight: jax.Array | None = None,
   *,
   k: int,
   metric: str,
   method: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """One step of a streamed search: top-k of a chunk, ids shifted by `offset`, merged into the best."""
-  s, i = topk(queries, matrix, k, metric=metric, scales=scales, valid=valid, method=method)
+  s, i = topk(
+    queries,
+    matrix,
+    k,
+    metric=metric,
+    scales=scales,
+    valid=valid,
+    method=method,
+    query_offset=query_offset,
+    row_weight=row_weight,
+  )
   i = jnp.where(i >= 0, i + offset, -1)
   return merge_topk(best_scores, best_ids, s, i, k)
 
@@ -105,6 +117,8 @@ def chunked_topk(
   method: str | None = None,
   offset: int = 0,
   best: tuple[jax.Array, jax.Array] | None = None,
+  query_offset=None,
+  row_weight=None,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk` over a host matrix (numpy or memory-mapped) streamed in fixed-size chunks.
 
@@ -121,11 +135,13 @@ def chunked_topk(
     chunk_rows: rows per kernel call; default `chunk_rows_for`.
     offset: added to the returned ids (the global row of `matrix[0]`).
     best: a running [Q, k] top-k to merge into (several matrices streamed one after another).
+    query_offset, row_weight: [Q] and [N] (host): the rank-one term of `topk`.
 
   Returns:
     scores [Q, k] float32 and ids [Q, k] int32 as `topk` (ids: rows of `matrix` plus `offset`).
   """
   q = jnp.asarray(queries, jnp.float32)
+  qo = None if query_offset is None else jnp.asarray(query_offset, jnp.float32)
   n, d = matrix.shape
   if best is None:
     best = empty_topk(q.shape[0], k)
@@ -137,6 +153,7 @@ def chunked_topk(
       continue
     m = matrix[start:stop]
     sc = None if scales is None else scales[start:stop]
+    rw = None if row_weight is None else row_weight[start:stop]
     if padded > rows:
       m = np.concatenate([np.asarray(m), np.zeros((padded - rows, d), m.dtype)])
       sc = (
@@ -145,9 +162,12 @@ def chunked_topk(
         else np.concatenate([np.asarray(sc), np.zeros(padded - rows, np.float32)])
       )
       va = np.concatenate([va, np.zeros(padded - rows, bool)])
+      if rw is not None:
+        rw = np.concatenate([np.asarray(rw), np.zeros(padded - rows, np.float32)])
     m = jax.device_put(np.asarray(m))
     sc = None if sc is None else jax.device_put(np.asarray(sc))
+    rw = None if rw is None else jax.device_put(np.asarray(rw, np.float32))
     va = None if va.all() else va  # the no-mask variant is faster (bfloat16: 10x at Q = 1)
     off = np.int32(offset + start)
-    best = scan_chunk(q, m, sc, va, off, *best, k=k, metric=metric, method=method)
+    best = scan_chunk(q, m, sc, va, off, *best, qo, rw, k=k, metric=metric, method=method)
   return best

@@ -220,6 +220,8 @@ def topk(
   scales: ArrayLike | None = None,
   valid: ArrayLike | None = None,
   method: str | None = None,
+  query_offset: ArrayLike | None = None,
+  row_weight: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The k best rows of `matrix` for each query.
 
@@ -234,6 +236,10 @@ def topk(
       `inner_products`; "int8", and "bf16" / "f32" on bfloat16 / float16 rows (Q <= 8, or any Q
       on the AVX2 path), run the native fused kernels where `engine.kernels.native` has them, the
       "-xla" forms never); None picks the fastest measured for Q and the dtype.
+    query_offset, row_weight: [Q] and [N] float32, given together (cosine only): every score
+      gains `query_offset[q] * row_weight[r]`, added to the scores of the normalised queries (a
+      rank-one term: collection statistics, `engine.store.statistics`). One query keeps the
+      native kernel (the term is a per-row bias); batches run XLA's products.
 
   Returns:
     scores: [Q, k] float32, best first (-inf where fewer than k rows are valid).
@@ -241,6 +247,10 @@ def topk(
   """
   if metric not in METRICS:
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+  if (query_offset is None) != (row_weight is None) or (
+    query_offset is not None and metric != "cosine"
+  ):
+    raise ValueError("query_offset and row_weight go together, with metric='cosine'")
   queries = jnp.asarray(queries, jnp.float32)
   matrix = jnp.asarray(matrix)
   if queries.ndim != 2 or matrix.ndim != 2 or queries.shape[1] != matrix.shape[1]:
@@ -255,6 +265,11 @@ def topk(
       jnp.zeros((queries.shape[0], 0), jnp.float32), jnp.zeros((queries.shape[0], 0), jnp.int32), k
     )
   valid = None if valid is None else jnp.asarray(valid, bool)
+  offsets = None
+  if query_offset is not None:
+    offsets = (jnp.asarray(query_offset, jnp.float32), jnp.asarray(row_weight, jnp.float32))
+    if method in _NATIVE and queries.shape[0] > 1:
+      method = f"{method}-xla"  # the native kernel adds a per-row bias only
   if _uses_native(method, matrix.dtype, queries.shape[0], matrix.shape[1]):
     # The fused kernel runs on CPUs; other platforms lower XLA's product (same ranking).
     return lax.platform_dependent(
@@ -262,17 +277,22 @@ def topk(
       matrix,
       scales,
       valid,
+      offsets,
       cpu=functools.partial(_topk_native, k=k, metric=metric),
       default=functools.partial(_topk_xla, k=k, metric=metric, method=f"{method}-xla"),
     )
-  return _topk_xla(queries, matrix, scales, valid, k=k, metric=metric, method=method)
+  return _topk_xla(queries, matrix, scales, valid, offsets, k=k, metric=metric, method=method)
 
 
-def _topk_xla(queries, matrix, scales, valid, *, k, metric, method):
+def _topk_xla(queries, matrix, scales, valid, offsets=None, *, k, metric, method):
   n = matrix.shape[0]
   # Tombstones and filters become a per-row additive -inf, folded into the scores' single pass.
   bias = None if valid is None else jnp.where(valid, 0.0, -jnp.inf)
-  if metric == "l2":
+  if offsets is not None:
+    s = inner_products(queries, matrix, scales, method, bias)
+    s = s + offsets[0][:, None] * offsets[1][None, :]
+    post = None
+  elif metric == "l2":
     s = inner_products(queries, matrix, scales, method)
     qn = jnp.sum(queries * queries, axis=1, keepdims=True)
     sq = _sq_norms(matrix, scales)
@@ -304,7 +324,7 @@ def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
   return native.available(kernel, q)
 
 
-def _topk_native(queries, matrix, scales, valid, *, k, metric):
+def _topk_native(queries, matrix, scales, valid, offsets=None, *, k, metric):
   """The fused scan + top-k of `engine/kernels/native/scan_topk.cc`: no [Q, N] scores in memory.
 
   The kernel ranks dot(query, row) * scale * qmul + bias. int8 queries are quantised exactly as in
@@ -321,7 +341,10 @@ def _topk_native(queries, matrix, scales, valid, *, k, metric):
     q_in, qscale = queries, jnp.ones((queries.shape[0], 1), jnp.float32)
   scales = jnp.ones((n,), jnp.float32) if scales is None else scales.astype(jnp.float32)
   bias = jnp.zeros((n,), jnp.float32) if valid is None else jnp.where(valid, 0.0, -jnp.inf)
-  if metric == "l2":
+  if offsets is not None:  # one query (`topk` sends batches to XLA): a per-row bias
+    bias = bias + offsets[0][0] * offsets[1]
+    qmul = qscale[:, 0]
+  elif metric == "l2":
     bias = bias - _sq_norms(matrix, scales if int8 else None)
     qmul = 2.0 * qscale[:, 0]
   else:
@@ -329,7 +352,7 @@ def _topk_native(queries, matrix, scales, valid, *, k, metric):
   scores, ids = native.scan_topk(q_in, matrix, scales, qmul, bias, min(k, n))
   if metric == "l2":
     scores = scores - jnp.sum(queries * queries, axis=1, keepdims=True)
-  elif int8:
+  elif int8 and offsets is None:
     scores = scores * qscale
   ids = jnp.where(scores == -jnp.inf, -1, ids)
   return _pad_k(scores, ids, k)

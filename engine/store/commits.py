@@ -16,6 +16,7 @@ import numpy as np
 from engine.store import catalog as catalog_lib
 from engine.store import manifest as manifest_lib
 from engine.store import segments as seg_lib
+from engine.store import statistics as stats_lib
 from engine.store.catalog import FileStat
 from engine.store.errors import IndexReadOnlyError, StoreError
 from engine.store.segments import Segment
@@ -48,8 +49,11 @@ class Commits:
     self._manifest["next_segment"] = n + 1
     return seg_lib.segment_name(n)
 
-  def _commit_manifest(self, new_segments: list[dict], drop: Iterable[str] = ()) -> None:
+  def _commit_manifest(
+    self, new_segments: list[dict], drop: Iterable[str] = (), extra: Mapping | None = None
+  ) -> None:
     m = dict(self._manifest)
+    m.update(extra or {})
     drop = set(drop)
     kept = [s for s in m["segments"] if s["name"] not in drop]
     # Replacements take the place of the (contiguous) segments they replace: storage order holds.
@@ -205,6 +209,48 @@ class Commits:
     # Post-commit garbage collection: drop old rows and files (also redone on any writer open).
     self._segments = []
     self._load(verify=False)
+
+  def learn_statistics(self, policy: str | None = None) -> dict | None:
+    """Learns collection statistics from the live rows and commits them; returns their record.
+
+    Searches then score with them (engine/store/statistics.py); rows added later are scored with
+    the same set until the next call. The stored rows are not touched: only a small statistics file
+    and the manifest are written (the old file is removed after the commit).
+
+    Args:
+      policy: "center" (the mean of the unit rows), "whiten[:DIM]" (mean and PCA whitening to DIM
+        dimensions, default all the rows support), or "none" (drop the statistics). None: the
+        index's recorded `statistics_policy`. The policy is recorded for later re-learning.
+
+    Raises:
+      ValueError: a bad policy, a non-normalising index, fewer than 2 live rows, or a whitening
+        dim the live rows cannot support.
+    """
+    self._check_writable()
+    spec = (self.statistics_policy if policy is None else policy).strip()
+    parsed = stats_lib.parse_policy(spec)
+    if parsed is not None and not self.normalizes:
+      raise ValueError("collection statistics need a normalising index (normalize=True)")
+    old = self._manifest.get("statistics")
+    extra: dict = {"statistics_policy": spec, "statistics": None}
+    if parsed is not None:
+      kind, dim = parsed
+      chunks = (seg_lib.normalize_rows(x) for _, x in self.iter_chunks())
+      mean, proj_t, rows = stats_lib.learn(chunks, kind, dim)
+    with self._commit():
+      if parsed is not None:
+        gen = self.generation + 1
+        entry = stats_lib.write(self.path, stats_lib.file_name(gen), mean, proj_t)
+        out_dim = self.dim if proj_t is None else int(proj_t.shape[0])
+        entry.update(kind=kind, dim=out_dim, rows=rows, learned_at=gen)
+        extra["statistics"] = entry
+      self._commit_manifest([], extra=extra)
+      entry = self._manifest["statistics"]
+      self._stats = None if entry is None else stats_lib.load(self.path, entry, self.dim)
+    if old is not None and (entry is None or entry["file"] != old["file"]):
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(self.path, old["file"]))
+    return None if entry is None else dict(entry)
 
   def update_file_stats(self, stats: Mapping[str, FileStat]) -> int:
     """Replaces the stored FileStat of live keys (e.g. a touched but unchanged file).

@@ -31,3 +31,8 @@ class IndexLockedError(StoreError):
 
 class IndexReadOnlyError(StoreError):
   """A write was attempted on an index opened with readonly=True."""
+
+
+class QueryMismatchError(IndexMismatchError, ValueError):
+  """Queries that do not fit the index: another dimension, or already transformed by statistics
+  the index applies itself."""

@@ -6,6 +6,7 @@ Layout of an index folder (format version 1)::
   catalog.sqlite           keys, source-file identities, tombstones (engine/store/catalog.py)
   LOCK                     flock()ed by the single writer; readers never take it
   seg-000001.npy ...       memory-mapped segment files (engine/store/segments.py)
+  stats-000007.npy         collection statistics, if learned (engine/store/statistics.py)
 
 Commit protocol (`add`, `delete`, `compact`): new segment files are written under temporary names,
 fsynced and renamed; then one catalog transaction inserts their rows and stamps tombstones with the
@@ -45,6 +46,7 @@ from engine.common import fileio
 from engine.store import catalog as catalog_lib
 from engine.store import manifest as manifest_lib
 from engine.store import segments as seg_lib
+from engine.store import statistics as stats_lib
 from engine.store.catalog import CATALOG, FileStat
 from engine.store.commits import Commits
 from engine.store.errors import (
@@ -128,8 +130,14 @@ def _remove_leftovers(folder: str, m: dict) -> None:
   """Removes segment files (and their temporaries) that the manifest does not list, and
   temporaries of the manifest: only names this engine writes, never anything else."""
   keep = {info["file"] for seg in m["segments"] for info in seg["files"].values()}
+  if m.get("statistics"):
+    keep.add(m["statistics"]["file"])
   for fname in os.listdir(folder):
-    ours = seg_lib.is_segment_file(fname) or manifest_lib.TEMP_RE.match(fname)
+    ours = (
+      seg_lib.is_segment_file(fname)
+      or stats_lib.is_stats_file(fname)
+      or manifest_lib.TEMP_RE.match(fname)
+    )
     if ours and fname not in keep:
       with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(folder, fname))
@@ -151,6 +159,9 @@ class Index(Commits):
     self._manifest: dict = {}
     self._segments: list[Segment] = []
     self._key_rows: dict[str, int] | None = None
+    self._stats: stats_lib.Statistics | None = None
+    # (segment name, statistics id) -> (scales, row weights) of engine/store/search.py
+    self._stat_factors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     self._closed = False
 
   @classmethod
@@ -163,6 +174,7 @@ class Index(Commits):
     *,
     keep_float32: bool = False,
     normalize: bool = True,
+    statistics: str = "none",
   ) -> Index:
     """Creates an empty index in `path` (a new or empty folder) and opens it for writing.
 
@@ -174,10 +186,14 @@ class Index(Commits):
         preprocessing, whitening file); `open(expect_metadata=...)` compares against it.
       keep_float32: also store a float32 copy of every vector, for `search(rerank=...)`.
       normalize: L2-normalise vectors on `add` (needed for metric="cosine").
+      statistics: the collection statistics policy recorded for `engine.app.indexing` to learn
+        and re-learn: "none", "center" or "whiten[:DIM]" (see `learn_statistics`).
     """
     path = os.fspath(path)
     if dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if stats_lib.parse_policy(statistics) is not None and not normalize:
+      raise ValueError("collection statistics need a normalising index (normalize=True)")
     if int(dim) <= 0:
       raise ValueError(f"dim must be positive, got {dim}")
     os.makedirs(path, exist_ok=True)
@@ -190,6 +206,8 @@ class Index(Commits):
       self._acquire_lock()
       self._catalog = catalog_lib.Catalog(self.path, False, must_exist=False)
       self._manifest = manifest_lib.new(dim, dtype, normalize, keep_float32, meta)
+      if stats_lib.parse_policy(statistics) is not None:
+        self._manifest["statistics_policy"] = statistics.strip()
       manifest_lib.write(self.path, self._manifest)
     except BaseException:
       self.close()
@@ -268,6 +286,8 @@ class Index(Commits):
         cat.recover([s["name"] for s in m["segments"]], gen)
         _remove_leftovers(self.path, m)
       self._segments = _load_segments(self.path, m, cat, verify)
+    entry = m.get("statistics")
+    self._stats = None if entry is None else stats_lib.load(self.path, entry, int(m["dim"]))
     self._key_rows = None
 
   # ---------------------------------------------------------------- properties and lookups
@@ -292,6 +312,23 @@ class Index(Commits):
   def normalizes(self) -> bool:
     """Whether `add` stores unit vectors."""
     return bool(self._manifest["normalize"])
+
+  @property
+  def statistics(self) -> stats_lib.Statistics | None:
+    """The collection statistics searches apply (`learn_statistics`), or None."""
+    return self._stats
+
+  @property
+  def statistics_info(self) -> dict | None:
+    """The manifest's record of the statistics: kind, dim, rows learned from, learned_at (the
+    generation that committed them), file, bytes, sha256 (= `statistics.id`); or None."""
+    entry = self._manifest.get("statistics")
+    return None if entry is None else dict(entry)
+
+  @property
+  def statistics_policy(self) -> str:
+    """What `engine.app.indexing` keeps learned: "none", "center" or "whiten[:DIM]"."""
+    return self._manifest.get("statistics_policy", "none")
 
   @property
   def generation(self) -> int:
@@ -408,8 +445,10 @@ class Index(Commits):
     *,
     chunk_rows: int | None = None,
     method: str | None = None,
+    statistics: str | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest live vectors of each query: `engine.store.search.search` on this index."""
+    """The k nearest live vectors of each query: `engine.store.search.search` on this index
+    (with its collection statistics, if it has learned any)."""
     from engine.store import search as search_lib  # JAX loads with the first search, not here
 
     return search_lib.search(
@@ -421,6 +460,7 @@ class Index(Commits):
       rerank,
       chunk_rows=chunk_rows,
       method=method,
+      statistics=statistics,
     )
 
   # ---------------------------------------------------------------- lifecycle
@@ -430,6 +470,7 @@ class Index(Commits):
     self._closed = True
     self._segments = []
     self._key_rows = None
+    self._stat_factors = {}
     if self._catalog is not None:
       self._catalog.close()
       self._catalog = None

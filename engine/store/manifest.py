@@ -2,7 +2,10 @@
 
 It holds {format, version, generation, dim, dtype, normalize, keep_float32, metadata,
 next_segment, segments: [{name, rows, keys_sha256, files: {role: {file, bytes, sha256,
-sample_sha256}}}]}.
+sample_sha256}}}], statistics_policy, statistics}: `statistics_policy` is "none", "center" or
+"whiten[:DIM]" (what `engine.app.indexing` re-learns), `statistics` null or {kind, dim, rows,
+learned_at, file, bytes, sha256} (engine/store/statistics.py); both optional, absent in indexes
+written before them (no statistics).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 
 from engine.common import fileio
 from engine.store import faults, segments
+from engine.store import statistics as stats_lib
 from engine.store.errors import IndexCorruptError, IndexNotFoundError
 
 FORMAT = "vgg-retrieval-index"
@@ -83,6 +87,9 @@ def read(folder: str) -> dict:
     if len(numbers) != len(m["segments"]):
       raise IndexCorruptError(f"manifest {mpath} lists a segment twice")
     int(m["generation"])
+    stats_lib.parse_policy(m.get("statistics_policy", "none"))
+    if m.get("statistics") is not None:
+      stats_lib.check_entry(m["statistics"], int(m["dim"]))
     if int(m["next_segment"]) <= max(numbers, default=0):
       raise IndexCorruptError(
         f"manifest {mpath}: next_segment {m['next_segment']} is not above every segment (the "

@@ -14,8 +14,8 @@ import numpy as np
 
 from engine.kernels import streaming
 from engine.kernels import topk as topk_lib
-from engine.store.errors import IndexCorruptError
-from engine.store.segments import normalize_rows
+from engine.store.errors import IndexCorruptError, IndexMismatchError, QueryMismatchError
+from engine.store.segments import CHUNK_ROWS, normalize_rows
 
 # Compressed storage: the kernel returns this many times k candidates for exact re-scoring.
 CANDIDATE_FACTOR = 2
@@ -32,6 +32,7 @@ def search(
   *,
   chunk_rows: int | None = None,
   method: str | None = None,
+  statistics: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """The k nearest live vectors of each query in `index` (an open `engine.store.Index`).
 
@@ -47,6 +48,11 @@ def search(
     chunk_rows: rows per kernel call (fixed shape: compiled once per query bucket); default
       `engine.kernels.streaming.chunk_rows_for(Q, dtype=...)`.
     method: kernel method override, see `engine.kernels.topk.topk`.
+    statistics: on an index with collection statistics (`Index.learn_statistics`), None scores
+      with them (the cosine of the centred / whitened query and row, `engine.store.statistics`),
+      "none" without them (the raw cosine), and a statistics id (`Index.statistics.id`) insists
+      on that set: IndexMismatchError if the index now holds another. Queries are always the raw
+      descriptors, as extracted: the index applies its statistics itself.
 
   Returns:
     scores: [Q, m] float32 and keys: [Q, m] object array of str, best first, where
@@ -59,8 +65,16 @@ def search(
   squeeze = q.ndim == 1
   if squeeze:
     q = q[None]
+  stats = _statistics_for(index, statistics, metric)
+  if q.ndim == 2 and stats is not None and q.shape[1] == stats.out_dim != index.dim:
+    raise QueryMismatchError(
+      f"queries are {q.shape[1]}-d, the dimension of index {index.path}'s {stats.kind} output: "
+      f"pass the raw {index.dim}-d descriptors, the index applies its statistics to them itself"
+    )
   if q.ndim != 2 or q.shape[1] != index.dim:
-    raise ValueError(f"queries must be [Q, {index.dim}], got {np.shape(queries)}")
+    raise QueryMismatchError(
+      f"queries must be [Q, {index.dim}] for index {index.path}, got {np.shape(queries)}"
+    )
   if not np.isfinite(q).all():
     raise ValueError("queries contain inf or nan")
   if k <= 0:
@@ -93,15 +107,26 @@ def search(
     kk = min(max(m, CANDIDATE_FACTOR * k), n_valid)
   else:
     kk = m
+  if stats is not None:
+    kk = min(max(kk, CANDIDATE_FACTOR * k), n_valid)
+    q_scan, q_offset = stats.prepare_queries(q)
+    # The kernel normalises its queries: scale the offsets alike (a positive factor per query).
+    qn = np.linalg.norm(q_scan, axis=1)
+    qn = np.where(qn > 0, qn, 1.0)
+    q_scan, q_offset = q_scan / qn[:, None], q_offset / qn
+    factors = _row_factors(index, stats)
+  else:
+    q_scan, q_offset, factors = q, None, None
   scores = np.empty((nq, kk), np.float32)
   grows = np.empty((nq, kk), np.int64)
   for start in range(0, nq, _QUERY_BATCH):
-    qb = q[start : start + _QUERY_BATCH]
-    s, g = _scan(segs, valid, qb, kk, metric, chunk_rows, method)
-    scores[start : start + len(qb)] = s
-    grows[start : start + len(qb)] = g
-  if use_rerank or index.dtype != "float32":
-    scores, grows = _rescore(index, q, grows, metric, m, float32_copy=use_rerank)
+    stop = start + _QUERY_BATCH
+    qo = None if q_offset is None else q_offset[start:stop]
+    s, g = _scan(segs, valid, q_scan[start:stop], kk, metric, chunk_rows, method, qo, factors)
+    scores[start:stop] = s
+    grows[start:stop] = g
+  if use_rerank or index.dtype != "float32" or stats is not None:
+    scores, grows = _rescore(index, q, grows, metric, m, float32_copy=use_rerank, stats=stats)
   else:
     scores, grows = scores[:, :m], grows[:, :m]
   _check_scores(index, scores, grows, metric)
@@ -118,34 +143,91 @@ def _valid_mask(seg, allowed: np.ndarray | None) -> np.ndarray:
   return v
 
 
-def _scan(segs, valid, q, kk, metric, chunk_rows, method):
+def _statistics_for(index, statistics: str | None, metric: str):
+  """The statistics a search applies: the index's, none, or the named set (or an error)."""
+  stats = index.statistics
+  if statistics == "none":
+    return None
+  if statistics is not None and (stats is None or stats.id != statistics):
+    have = "none" if stats is None else f"{stats.kind} {stats.id[:12]}"
+    raise IndexMismatchError(
+      f"the queries were prepared for statistics {statistics[:12]} but index {index.path} now "
+      f"holds {have} (re-learned since): extract or prepare them again"
+    )
+  if stats is not None and metric != "cosine":
+    raise ValueError(
+      f"collection statistics score cosines: metric={metric!r} needs statistics='none'"
+    )
+  return stats
+
+
+def _row_factors(index, stats) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per segment, (scales, row weights) that make the kernel score raw rows with `stats`.
+
+  For a stored row x (dequantised: int8 times its scale s, with norm n), its unit row x / n and
+  r = 1 / |P^T (x / n - mu)|: scales s * r / n (1 * r / n for float rows) and row weight -r, so the
+  kernel's `q~ . x * scales + offset * weight` is (q~ . x/n - q~ . mu) * r. Computed once per segment
+  and statistics set, cached on the handle (a merge renames segments, re-learning changes the id).
+  """
+  cache = index._stat_factors
+  out = []
+  for seg in index.segments:
+    key = (seg.name, stats.id)
+    if key not in cache:
+      scale = np.empty(seg.rows, np.float32)
+      weight = np.empty(seg.rows, np.float32)
+      for a in range(0, seg.rows, CHUNK_ROWS):
+        b = min(seg.rows, a + CHUNK_ROWS)
+        x = seg.dequantize(slice(a, b)).astype(np.float64)
+        n = np.linalg.norm(x, axis=1)
+        n = np.where(n > 0, n, 1.0)
+        r = stats.row_factors(x / n[:, None])
+        s = 1.0 if seg.scales is None else np.asarray(seg.scales[a:b], np.float64)
+        scale[a:b] = s * r / n
+        weight[a:b] = -r
+      cache[key] = (scale, weight)
+    out.append(cache[key])
+  live = {(s.name, stats.id) for s in index.segments}
+  for key in [key for key in cache if key not in live]:
+    del cache[key]
+  return out
+
+
+def _scan(segs, valid, q, kk, metric, chunk_rows, method, q_offset=None, factors=None):
   """Streams every segment through the kernel with one running top-k: [Q, kk] global rows."""
   nq = q.shape[0]
   # Bucket Q (powers of two up to 8, then multiples of 8): few compiled shapes, little padding.
   qpad = 1 << max(0, (nq - 1).bit_length()) if nq <= 8 else -(-nq // 8) * 8
   qj = jax.device_put(np.concatenate([q, np.zeros((qpad - nq, q.shape[1]), np.float32)]))
+  qo = None
+  if q_offset is not None:
+    qo = jax.device_put(np.concatenate([q_offset, np.zeros(qpad - nq, np.float32)]))
   best = topk_lib.empty_topk(qpad, kk)
-  for seg, v in zip(segs, valid, strict=True):
+  for i, (seg, v) in enumerate(zip(segs, valid, strict=True)):
+    scales, weight = (seg.scales, None) if factors is None else factors[i]
     best = streaming.chunked_topk(
       qj,
       seg.vectors,
       kk,
       metric=metric,
-      scales=seg.scales,
+      scales=scales,
       valid=v,
       chunk_rows=chunk_rows,
       method=method,
       offset=seg.base,
       best=best,
+      query_offset=qo,
+      row_weight=weight,
     )
   s, i = jax.device_get(best)
   return s[:nq], i[:nq].astype(np.int64)
 
 
-def _rescore(index, q, grows, metric, m, float32_copy):
+def _rescore(index, q, grows, metric, m, float32_copy, stats=None):
   """Exact float64 re-scoring of candidates, [Q, kk] -> [Q, m]: from the float32 copy, or from
   the stored rows (dequantised; on a normalising cosine index, scaled back to unit length, so a
-  score is the cosine to the stored direction and never exceeds 1)."""
+  score is the cosine to the stored direction and never exceeds 1); with `stats`, the statistics
+  cosine of the unit query and unit rows."""
   nq, kk = grows.shape
   flat = grows.ravel()
   which = index.locate(flat)
@@ -164,7 +246,10 @@ def _rescore(index, q, grows, metric, m, float32_copy):
   q64 = q.astype(np.float64)
   # Contractions, not broadcasts: no [Q, kk, D] temporaries.
   dots = np.einsum("qkd,qd->qk", x64, q64)
-  if metric == "cosine":
+  if stats is not None:
+    n = np.sqrt(np.einsum("qkd,qkd->qk", x64, x64))
+    s = stats.scores(q64, x64 / np.where(n > 0, n, 1.0)[:, :, None])
+  elif metric == "cosine":
     s = dots
     if not float32_copy and index.normalizes:
       n = np.sqrt(np.einsum("qkd,qkd->qk", x64, x64))
