@@ -1,7 +1,7 @@
 r"""Indexes a photo folder, incrementally.
 
   python -m engine.index --images=DIR --index=DIR [--weights=...] [--descriptor=gem]
-      [--dtype=int8] [--batch_size=16] [--prune] [--compact]
+      [--dtype=int8] [--batch_size=16] [--prune] [--compact] [--statistics=none|center|whiten:DIM]
   python -m engine.index --index=DIR --compact
 
 Walks DIR recursively (symlink loops are visited once), picks images by content as well as by
@@ -38,6 +38,18 @@ _COMPACT = flags.DEFINE_bool(
 _COMMIT_EVERY = flags.DEFINE_integer(
   "commit_every", 256, "Images per commit: the most work an interruption loses.", lower_bound=1
 )
+_STATISTICS = flags.DEFINE_string(
+  "statistics",
+  None,
+  "Collection statistics the index learns from its own rows and applies to every search: none "
+  "(raw cosine), center (subtract the mean of the indexed descriptors: scores between unrelated "
+  "photos drop from near 1 to near 0) or whiten:DIM (mean and PCA whitening to DIM dimensions). "
+  "Re-learned at the end of a run when the number of images doubled or halved since. Default: "
+  "the index's recorded policy (none for a new index).",
+)
+_RELEARN = flags.DEFINE_bool(
+  "relearn_statistics", False, "Re-learn the collection statistics at the end of this run anyway."
+)
 _REPORT = flags.DEFINE_string(
   "report", None, "Failures file (path<TAB>reason); default INDEX/last_run_failures.tsv."
 )
@@ -72,11 +84,15 @@ def main(argv):
       prune=_PRUNE.value,
       commit_every=_COMMIT_EVERY.value,
       report_path=_REPORT.value,
+      statistics=_STATISTICS.value,
+      relearn_statistics=_RELEARN.value,
     )
     for path, reason in result.failed[:20]:
       print(f"skipped {textio.escape(path)}: {textio.escape(reason)}")
     if len(result.failed) > 20:
       print(f"... and {len(result.failed) - 20} more (see the failures file)")
+    if result.statistics:
+      print(result.statistics)
     label = " [RANDOM weights, not ImageNet]" if extractor.weights_info.is_random else ""
     print(f"{result.summary()}{label}")
     if result.indexed + result.unchanged == 0 and result.failed:

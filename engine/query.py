@@ -1,11 +1,12 @@
 r"""Finds the indexed images most similar to query images.
 
   python -m engine.query --index=DIR --query=FILE_OR_DIR [--k=10] [--format=text|json]
-      [--html=FILE] [--min_score=X]
+      [--html=FILE] [--min_score=X] [--raw_scores] [--qe=N --qe_alpha=A] [--dba=N --shortlist=M]
 
 Queries are described by the extractor the index was built with (recorded in its manifest), so
 their features are always comparable with the index's. Prints the ranked paths and scores (cosine
-similarity, 1 = identical direction); --html writes a self-contained page with thumbnails.
+similarity, 1 = identical direction; on an index with collection statistics, the cosine after
+centering or whitening, said in the output); --html writes a self-contained page with thumbnails.
 """
 
 from __future__ import annotations
@@ -25,6 +26,30 @@ _K = flags.DEFINE_integer("k", 10, "Matches per query (at most the number of ind
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format on stdout.")
 _HTML = flags.DEFINE_string("html", None, "Also write a self-contained HTML results page here.")
 _MIN_SCORE = flags.DEFINE_float("min_score", None, "Drop matches scoring below this.")
+_RAW = flags.DEFINE_bool(
+  "raw_scores",
+  False,
+  "Score with the raw cosine even if the index learned collection statistics (engine.index "
+  "--statistics): for comparison.",
+)
+_QE = flags.DEFINE_integer(
+  "qe",
+  0,
+  "Alpha query expansion: re-query with the top N matches averaged in (0: off).",
+  lower_bound=0,
+)
+_QE_ALPHA = flags.DEFINE_float("qe_alpha", 3.0, "Alpha of --qe: match i weighs score_i^alpha.")
+_DBA = flags.DEFINE_integer(
+  "dba",
+  0,
+  "Database-side augmentation at query time: each of the best --shortlist matches is replaced "
+  "by itself averaged with its own top N neighbours, and they are re-ranked (0: off).",
+  lower_bound=0,
+)
+_DBA_ALPHA = flags.DEFINE_float("dba_alpha", 3.0, "Alpha of --dba's weights.")
+_SHORTLIST = flags.DEFINE_integer(
+  "shortlist", 100, "Matches --dba re-ranks (at least --k).", lower_bound=1
+)
 cli.define_extractor_flags()
 flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["index", "query"])
@@ -41,7 +66,17 @@ def main(argv):
       raise cli.UserError(f"--k must be positive, got {_K.value}")
     extractor = extraction.for_index(_INDEX.value, cli.settings(), explicit=cli.explicit_settings())
     results = retrieval.query_index(
-      _INDEX.value, _QUERY.value, extractor, k=_K.value, min_score=_MIN_SCORE.value
+      _INDEX.value,
+      _QUERY.value,
+      extractor,
+      k=_K.value,
+      min_score=_MIN_SCORE.value,
+      raw_scores=_RAW.value,
+      qe=_QE.value,
+      qe_alpha=_QE_ALPHA.value,
+      dba=_DBA.value,
+      dba_alpha=_DBA_ALPHA.value,
+      shortlist=_SHORTLIST.value,
     )
     random_note = (
       "RANDOM weights (not ImageNet): scores show visual similarity of a random network"
@@ -54,6 +89,7 @@ def main(argv):
       out = {
         "index": _INDEX.value,
         "weights": extractor.weights_info.source,
+        "scores": results.scoring,
         "results": [
           {
             "query": q,
@@ -68,6 +104,7 @@ def main(argv):
     else:
       if random_note:
         print(f"[{random_note}]")
+      print(f"[scores: {results.scoring}]")
       for q, matches in results.matches:
         print(f"query: {textio.escape(q)}")
         for rank, (key, score) in enumerate(matches, 1):

@@ -34,6 +34,7 @@ class IndexReport:
     failed: (path, reason) for every file that could not be indexed.
     pruned: keys removed because their files vanished (with prune=True).
     seconds: wall time of the run.
+    statistics: what happened to the collection statistics (None: nothing to do).
   """
 
   indexed: int = 0
@@ -41,6 +42,7 @@ class IndexReport:
   failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   pruned: int = 0
   seconds: float = 0.0
+  statistics: str | None = None
 
   @property
   def images_per_second(self) -> float:
@@ -90,9 +92,80 @@ class Progress:
     self.stream.flush()
 
 
-def open_or_create(path: str, extractor: Extractor, dtype: str | None = None) -> store.Index:
+# Re-learn the statistics when the live rows grew or shrank by this factor since they were learned.
+RELEARN_FACTOR = 2.0
+
+
+def refresh_statistics(
+  idx: store.Index, policy: str | None = None, force: bool = False
+) -> str | None:
+  """Keeps an index's collection statistics learned, by its policy; says what it did.
+
+  Learns them when the policy asks for statistics and the index has none, holds another kind or
+  whitening dim than the policy, or its live rows grew or shrank by `RELEARN_FACTOR` since they were
+  learned (or always, with `force`); a policy of "none" drops them. In between, rows added are
+  scored with the statistics in force, so every search of the index uses one consistent set.
+
+  Args:
+    idx: an index open for writing.
+    policy: "none", "center" or "whiten[:DIM]" to record (None: keep the index's own).
+    force: re-learn even when nothing above asks for it.
+
+  Returns:
+    A line for the user, or None when nothing changed.
+  """
+  spec = (idx.statistics_policy if policy is None else policy).strip()
+  try:
+    parsed = store.parse_policy(spec)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"--statistics: {e}") from None
+  info = idx.statistics_info
+  if parsed is None:
+    if info is None and idx.statistics_policy == spec:
+      return None
+    idx.learn_statistics("none")
+    return "statistics: none (raw cosine scores)"
+  kind, dim = parsed
+  n = len(idx)
+  if n < 2:
+    return f"statistics: {spec} recorded; learned once the index holds 2 images"
+  if kind == "whiten" and dim is not None and dim > min(n - 1, idx.dim):
+    spec_now = "center"  # too few rows for DIM components yet: centre until there are enough
+  else:
+    spec_now = spec
+  stale = (
+    force
+    or info is None
+    or idx.statistics_policy != spec
+    or info["kind"] != spec_now.partition(":")[0]
+    or (spec_now.startswith("whiten:") and info["dim"] != dim)
+    or n >= RELEARN_FACTOR * info["rows"]
+    or n * RELEARN_FACTOR <= info["rows"]
+  )
+  if not stale:
+    return None
+  info = _learn(idx, spec, spec_now)
+  note = "" if spec_now == spec else f" (whitening to {dim} needs more than {dim} images)"
+  return (
+    f"statistics: {info['kind']} to {info['dim']} dims, learned from {info['rows']} images "
+    f"(id {info['sha256'][:12]}){note}"
+  )
+
+
+def _learn(idx: store.Index, policy: str, learn_now: str) -> dict:
+  """Learns `learn_now` and records `policy` (they differ while whitening lacks rows)."""
+  info = idx.learn_statistics(learn_now)
+  if learn_now != policy:
+    idx.set_statistics_policy(policy)
+  return info
+
+
+def open_or_create(
+  path: str, extractor: Extractor, dtype: str | None = None, statistics: str | None = None
+) -> store.Index:
   """Opens the index at `path` for writing, refusing one built with a different extractor or
-  stored in another dtype than `dtype` (None: whatever it stores; "int8" for a new index)."""
+  stored in another dtype than `dtype` (None: whatever it stores; "int8" for a new index); a new
+  index records the `statistics` policy (None: "none")."""
   if store.exists(path):
     idx = store.Index.open(path)
     try:
@@ -106,8 +179,17 @@ def open_or_create(path: str, extractor: Extractor, dtype: str | None = None) ->
       idx.close()
       raise
     return idx
+  if statistics is not None:
+    try:
+      store.parse_policy(statistics)
+    except (TypeError, ValueError) as e:
+      raise UserError(f"--statistics: {e}") from None
   return store.Index.create(
-    path, dim=extractor.dim, dtype=dtype or "int8", metadata=extractor.index_metadata()
+    path,
+    dim=extractor.dim,
+    dtype=dtype or "int8",
+    metadata=extractor.index_metadata(),
+    statistics=statistics or "none",
   )
 
 
@@ -122,6 +204,8 @@ def index_folder(
   report_path: str | None = None,
   progress: bool = True,
   on_commit: Callable[[int], None] | None = None,
+  statistics: str | None = None,
+  relearn_statistics: bool = False,
 ) -> IndexReport:
   """Brings the index at `index_path` up to date with the images under `root`.
 
@@ -136,6 +220,10 @@ def index_folder(
       `index_path/last_run_failures.tsv`.
     progress: show progress on stderr.
     on_commit: called with the number of images committed so far (tests use it).
+    statistics: collection statistics policy, "none", "center" or "whiten[:DIM]", recorded in the
+      index (None: keep the index's; "none" for a new one); see `refresh_statistics`, run at the
+      end of every run.
+    relearn_statistics: re-learn them even if the collection did not grow or shrink enough.
 
   Returns:
     An IndexReport. Interruptions (KeyboardInterrupt) commit what is pending first.
@@ -144,7 +232,7 @@ def index_folder(
   report = IndexReport()
   root_abs = os.path.abspath(root)
   found = list(walk.find_images(root_abs))
-  idx = open_or_create(index_path, extractor, dtype)
+  idx = open_or_create(index_path, extractor, dtype, statistics)
   try:
     todo: list[str] = []
     known: dict[str, store.FileStat] = {}
@@ -231,6 +319,7 @@ def index_folder(
       if gone:
         idx.delete(gone)
       report.pruned = len(gone)
+    report.statistics = refresh_statistics(idx, statistics, relearn_statistics)
   finally:
     idx.close()
     report.seconds = time.monotonic() - t0

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from engine import store
+from engine.app import expansion
 from engine.app.walk import split_images
 from engine.common.errors import UserError
 from engine.features.extractor import Extractor
@@ -14,10 +15,24 @@ from engine.features.extractor import Extractor
 
 @dataclasses.dataclass
 class QueryResults:
-  """matches: (query path, [(key, score)]) per decodable query; failed: (path, reason)."""
+  """matches: (query path, [(key, score)]) per decodable query; failed: (path, reason);
+  scoring: what the scores are (the index's collection statistics, expansion)."""
 
   matches: list[tuple[str, list[tuple[str, float]]]]
   failed: list[tuple[str, str]]
+  scoring: str = "cosine"
+
+
+def describe_scoring(idx: store.Index, raw: bool = False) -> str:
+  """One line saying what an index's scores are."""
+  info = idx.statistics_info
+  if raw or info is None:
+    return "cosine of the descriptors"
+  what = "centred" if info["kind"] == "center" else f"PCA-whitened to {info['dim']} dims"
+  return (
+    f"cosine of descriptors {what} by statistics learned from {info['rows']} indexed images "
+    f"(id {info['sha256'][:12]})"
+  )
 
 
 def query_index(
@@ -27,10 +42,18 @@ def query_index(
   *,
   k: int = 10,
   min_score: float | None = None,
+  raw_scores: bool = False,
+  qe: int = 0,
+  qe_alpha: float = 3.0,
+  dba: int = 0,
+  dba_alpha: float = 3.0,
+  shortlist: int = 100,
 ) -> QueryResults:
   """Extracts the query image(s) and searches the index with them.
 
-  Returns at most k matches per query: all the index holds when it holds fewer.
+  Returns at most k matches per query: all the index holds when it holds fewer. Scores use the
+  index's collection statistics unless `raw_scores`; `qe`, `dba` and the rest are the options of
+  `engine.app.expansion.search`.
 
   Raises:
     UserError: empty index, or no query image could be decoded.
@@ -46,7 +69,26 @@ def query_index(
     if not len(extracted.positions):
       reasons = "; ".join(f"{p}: {r}" for p, r in failed[:3])
       raise UserError(f"no query image could be decoded ({reasons})")
-    scores, keys = idx.search(extracted.features, k=k)
+    if raw_scores and (qe or dba):
+      raise UserError("raw scores and query expansion / DBA do not combine")
+    if qe or dba:
+      scores, keys = expansion.search(
+        idx,
+        extracted.features,
+        k,
+        qe=qe,
+        qe_alpha=qe_alpha,
+        dba_n=dba,
+        dba_alpha=dba_alpha,
+        shortlist=max(shortlist, k),
+      )
+    else:
+      scores, keys = idx.search(extracted.features, k=k, statistics="none" if raw_scores else None)
+    scoring = describe_scoring(idx, raw_scores)
+    if qe:
+      scoring += f", alpha-QE over {qe} neighbours (alpha {qe_alpha:g})"
+    if dba:
+      scoring += f", DBA re-ranking of {max(shortlist, k)} (over {dba} neighbours each)"
   matches = []
   for row, pos in enumerate(extracted.positions):
     pairs = [
@@ -55,7 +97,7 @@ def query_index(
       if key is not None and np.isfinite(s) and (min_score is None or s >= min_score)
     ]
     matches.append((paths[pos], pairs))
-  return QueryResults(matches, failed)
+  return QueryResults(matches, failed, scoring)
 
 
 def find_duplicates(

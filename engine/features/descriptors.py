@@ -15,6 +15,7 @@ descriptors and applied after normalisation, followed by another L2 normalisatio
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 
@@ -190,6 +191,12 @@ class Whitening:
   @property
   def in_dim(self) -> int:
     return self.mean.shape[0]
+
+  def fingerprint(self) -> dict:
+    """sha256 of the mean and projection (float32 bytes) and the output dim."""
+    h = hashlib.sha256(np.ascontiguousarray(self.mean, np.float32).tobytes())
+    h.update(np.ascontiguousarray(self.projection, np.float32).tobytes())
+    return {"sha256": h.hexdigest(), "dim": self.out_dim}
 
   @property
   def out_dim(self) -> int:

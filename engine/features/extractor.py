@@ -133,6 +133,8 @@ class Extractor:
       "preprocessing": self.preprocessing.to_dict(),
       "precision": self.precision,
       "dim": self.dim,
+      # Whitened descriptors only meet queries whitened the same way (absent: none, as before).
+      **({"whitening": self.whitening.fingerprint()} if self.whitening is not None else {}),
     }
 
   def index_metadata(self) -> dict:

@@ -252,6 +252,13 @@ class Commits:
         os.unlink(os.path.join(self.path, old["file"]))
     return None if entry is None else dict(entry)
 
+  def set_statistics_policy(self, policy: str) -> None:
+    """Records the statistics policy ("none", "center", "whiten[:DIM]") without learning."""
+    spec = policy.strip()
+    stats_lib.parse_policy(spec)
+    with self._commit():
+      self._commit_manifest([], extra={"statistics_policy": spec})
+
   def update_file_stats(self, stats: Mapping[str, FileStat]) -> int:
     """Replaces the stored FileStat of live keys (e.g. a touched but unchanged file).
 
