@@ -3,13 +3,14 @@
 Ground truth is a JSON file::
 
   {
-    "protocol": "oxford" | "holidays" | "plain",
+    "protocol": "oxford" | "holidays" | "plain" | "revisited",
     "queries": {
       "<query id>": {
         "image": "<key of the query image>",          # optional, default: the query id
         "bbox": [x1, y1, x2, y2],                     # optional query region (Oxford/Paris)
         "relevant": ["<key>", ...],
-        "junk": ["<key>", ...]                        # optional
+        "junk": ["<key>", ...],                       # optional
+        "easy": [...], "hard": [...]                  # revisited only (relevant = easy + hard)
       }
     }
   }
@@ -26,6 +27,10 @@ Protocols:
   holidays: INRIA Holidays (Jegou et al. 2008). The query image is removed from its own ranking;
     AP by the same trapezoidal rule (the official `holidays_map.py`, `score_ap_from_ranks_1`).
   plain: nothing removed (queries that are not in the database, as in the copy-detection bench).
+  revisited: Revisited Oxford / Paris (Radenovic et al., CVPR 2018), scored three ways as the
+    authors' `compute_map` does: Easy (relevant = easy; junk and hard removed), Medium (easy + hard;
+    junk removed), Hard (hard; junk and easy removed); a query without relevant images in a setup
+    is left out of that setup's mean. `evaluate_revisited` returns the three.
 
 `ap="noninterpolated"` gives the other common definition instead (mean of the precision at the rank
 of each relevant item, as TREC and scikit-learn's `average_precision_score`); it is never lower than
@@ -41,7 +46,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-PROTOCOLS = ("oxford", "holidays", "plain")
+PROTOCOLS = ("oxford", "holidays", "plain", "revisited")
+REVISITED_SETUPS = {  # setup -> (relevant parts, removed parts)
+  "easy": (("easy",), ("junk", "hard")),
+  "medium": (("easy", "hard"), ("junk",)),
+  "hard": (("hard",), ("junk", "easy")),
+}
 AP_RULES = ("trapezoid", "noninterpolated")
 
 
@@ -171,6 +181,68 @@ def evaluate(
   return out
 
 
+def evaluate_revisited(
+  rankings: Mapping[str, Sequence[str]],
+  truth: Mapping,
+  ks: Sequence[int] = (1, 10),
+  rule: str = "trapezoid",
+) -> dict:
+  """`evaluate` under the Easy, Medium and Hard setups of a revisited ground truth:
+  {"easy": ..., "medium": ..., "hard": ...}, each as `evaluate` returns it."""
+  out = {}
+  for setup, (pos, neg) in REVISITED_SETUPS.items():
+    queries = {}
+    for q, entry in truth["queries"].items():
+      relevant = sorted({k for part in pos for k in entry.get(part, ())})
+      if relevant:
+        junk = sorted({k for part in neg for k in entry.get(part, ())})
+        queries[q] = {"image": entry.get("image", q), "relevant": relevant, "junk": junk}
+    out[setup] = evaluate(rankings, {"protocol": "oxford", "queries": queries}, ks, rule)
+  return out
+
+
+def revisited_to_truth(path: str | os.PathLike) -> dict:
+  """The Revisited Oxford / Paris ground truth, as JSON, -> the JSON ground truth.
+
+  The authors publish `gnd_roxford5k.pkl` / `gnd_rparis6k.pkl`, Python pickles, which this engine
+  never loads. Convert your copy once into JSON with the same fields (the one-line command is in
+  bench/README.md): {"imlist": [names], "qimlist": [names], "gnd": [{"bbx": [x1, y1, x2, y2],
+  "easy": [imlist indices], "hard": [...], "junk": [...]}]} (query i is qimlist[i]).
+  """
+  with open(path, encoding="utf-8") as f:
+    raw = json.load(f)
+  try:
+    imlist, qimlist, gnd = raw["imlist"], raw["qimlist"], raw["gnd"]
+    if len(gnd) != len(qimlist) or not gnd:
+      raise ValueError(f"{len(gnd)} ground-truth entries for {len(qimlist)} queries")
+    queries = {}
+    for qname, entry in zip(qimlist, gnd, strict=True):
+      parts = {}
+      for part in ("easy", "hard", "junk"):
+        idx = [int(i) for i in entry.get(part, [])]
+        if any(not 0 <= i < len(imlist) for i in idx):
+          raise ValueError(f"query {qname}: {part} index outside imlist")
+        parts[part] = sorted({key_of(str(imlist[i])) for i in idx})
+      q = key_of(str(qname))
+      queries[q] = {
+        "image": q,
+        "relevant": sorted(set(parts["easy"]) | set(parts["hard"])),
+        **parts,
+      }
+      if entry.get("bbx") is not None:
+        box = [float(v) for v in entry["bbx"]]
+        if len(box) != 4:
+          raise ValueError(f"query {qname}: bbx must be 4 numbers")
+        queries[q]["bbox"] = box
+  except (KeyError, TypeError) as e:
+    raise ValueError(
+      f"{path}: not a revisited ground truth ({e!r}); see revisited_to_truth"
+    ) from None
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+  return {"protocol": "revisited", "queries": queries}
+
+
 def load_truth(path: str | os.PathLike) -> dict:
   """Reads and checks a ground-truth JSON file."""
   with open(path, encoding="utf-8") as f:
@@ -265,14 +337,18 @@ def holidays_to_truth(names: str | os.PathLike | Iterable[str]) -> dict:
   return {"protocol": "holidays", "queries": queries}
 
 
-def rank_with_index(index, queries_qd: np.ndarray, k: int | None = None) -> list[list[str]]:
+def rank_with_index(
+  index, queries_qd: np.ndarray, k: int | None = None, search=None
+) -> list[list[str]]:
   """Searches an `engine.store.Index`: `[Q, D]` queries -> per query the ranked keys (names).
 
   Args:
     index: an open engine.store.Index.
     queries_qd: query descriptors.
     k: ranking depth; None ranks the whole index (exact AP).
+    search: `(queries, k) -> (scores, keys)` instead of `index.search` (query expansion).
   """
   k = k or len(index)
-  _, keys = index.search(np.asarray(queries_qd, np.float32), k=k)
+  search = search or (lambda q, k: index.search(q, k=k))
+  _, keys = search(np.asarray(queries_qd, np.float32), k)
   return [[key_of(key) for key in row] for row in keys]

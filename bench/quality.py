@@ -3,13 +3,17 @@ r"""Retrieval quality of an index against a ground truth: mAP and recall@k.
   # 1. convert the official ground truth once (the data sets are downloaded by the user)
   python -m bench.quality --convert_oxford=~/data/oxford5k/gt --ground_truth=oxford5k.json
   python -m bench.quality --convert_holidays=~/data/holidays/jpg --ground_truth=holidays.json
+  python -m bench.quality --convert_revisited=gnd_roxford5k.json --ground_truth=roxford5k.json
   # 2. index the images, then score the index
   python -m engine.index --images=~/data/holidays/jpg --index=/tmp/holidays.idx --descriptor=gem
   python -m bench.quality --index=/tmp/holidays.idx --ground_truth=holidays.json
 
 Protocols (from the ground truth's "protocol"; see bench/metrics.py): `oxford` removes junk images
 from each ranking, `holidays` removes the query image from its own ranking; both compute AP by the
-trapezoidal rule of the official evaluation code. Query descriptors come from the index itself
+trapezoidal rule of the official evaluation code; `revisited` (Revisited Oxford / Paris) reports
+mAP and recall@k under the Easy, Medium and Hard setups. `--qe`, `--dba` rank with the query
+options of `engine.query` (engine/app/expansion.py); an index's collection statistics always
+apply (`--raw_scores` for the raw cosine). Query descriptors come from the index itself
 (`--queries=index`: the query images must be indexed, as in Holidays and the full-image Oxford
 variant) or are extracted from the files in `--images` with the index's extractor
 (`--queries=extract`), cropped to the ground truth's query box with `--crop` (the standard
@@ -75,12 +79,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _TRUTH.value:
     raise app.UsageError("--ground_truth is required")
-  if _CONVERT_OXFORD.value or _CONVERT_HOLIDAYS.value:
-    truth = (
-      metrics.oxford_to_truth(os.path.expanduser(_CONVERT_OXFORD.value))
-      if _CONVERT_OXFORD.value
-      else metrics.holidays_to_truth(os.path.expanduser(_CONVERT_HOLIDAYS.value))
-    )
+  if _CONVERT_OXFORD.value or _CONVERT_HOLIDAYS.value or _CONVERT_REVISITED.value:
+    if _CONVERT_OXFORD.value:
+      truth = metrics.oxford_to_truth(os.path.expanduser(_CONVERT_OXFORD.value))
+    elif _CONVERT_HOLIDAYS.value:
+      truth = metrics.holidays_to_truth(os.path.expanduser(_CONVERT_HOLIDAYS.value))
+    else:
+      truth = metrics.revisited_to_truth(os.path.expanduser(_CONVERT_REVISITED.value))
     metrics.save_truth(truth, _TRUTH.value)
     print(f"wrote {len(truth['queries'])} {truth['protocol']} queries to {_TRUTH.value}")
     if not _INDEX.value:
@@ -95,10 +100,15 @@ def main(argv):
   ks = [int(k) for k in _KS.value]
   with Index.open(_INDEX.value, readonly=True) as index:
     vecs = query_vectors(index, truth, _QUERIES.value, _IMAGES.value, _CROP.value, _WEIGHTS.value)
-    ranked = metrics.rank_with_index(index, vecs, _K.value or None)
+    ranked = metrics.rank_with_index(index, vecs, _K.value or None, _searcher(index))
     n_db = len(index)
   rankings = dict(zip(truth["queries"], ranked, strict=True))
-  res = metrics.evaluate(rankings, truth, ks=ks, rule=_AP.value)
+  if truth["protocol"] == "revisited":
+    setups = metrics.evaluate_revisited(rankings, truth, ks=ks, rule=_AP.value)
+    res = {"setups": setups, "queries": len(truth["queries"])}
+  else:
+    res = metrics.evaluate(rankings, truth, ks=ks, rule=_AP.value)
+    setups = {truth["protocol"]: res}
   res.update(
     protocol=truth["protocol"],
     ap_rule=_AP.value,
@@ -112,9 +122,31 @@ def main(argv):
     f"{'protocol':9s} {'queries':>7s} {'database':>8s} {'mAP':>7s} "
     + " ".join(f"{'R@' + str(k):>6s}" for k in ks)
   )
-  print(
-    f"{truth['protocol']:9s} {res['queries']:7d} {n_db:8d} {res['map']:7.4f} "
-    + " ".join(f"{res[f'recall@{k}']:6.3f}" for k in ks)
+  for name, r in setups.items():
+    print(
+      f"{name:9s} {r['queries']:7d} {n_db:8d} {r['map']:7.4f} "
+      + " ".join(f"{r[f'recall@{k}']:6.3f}" for k in ks)
+    )
+
+
+def _searcher(index):
+  """The ranking function the flags ask for: the index's search, raw, or with QE / DBA."""
+  if _RAW.value:
+    if _QE.value or _DBA.value:
+      raise app.UsageError("--raw_scores does not combine with --qe / --dba")
+    return lambda q, k: index.search(q, k=k, statistics="none")
+  if not (_QE.value or _DBA.value):
+    return None
+  from engine.app import expansion
+
+  return lambda q, k: expansion.search(
+    index,
+    q,
+    k,
+    qe=_QE.value,
+    qe_alpha=_QE_ALPHA.value,
+    dba_n=_DBA.value,
+    shortlist=_SHORTLIST.value,
   )
 
 
@@ -130,6 +162,17 @@ if __name__ == "__main__":
   _CONVERT_HOLIDAYS = flags.DEFINE_string(
     "convert_holidays", None, "Folder of Holidays images (NNNNNN.jpg): write --ground_truth."
   )
+  _CONVERT_REVISITED = flags.DEFINE_string(
+    "convert_revisited",
+    None,
+    "Revisited Oxford/Paris ground truth converted to JSON (gnd_roxford5k.pkl's fields; see "
+    "bench/README.md): write --ground_truth.",
+  )
+  _RAW = flags.DEFINE_bool("raw_scores", False, "Rank by the raw cosine (no index statistics).")
+  _QE = flags.DEFINE_integer("qe", 0, "Alpha query expansion over N neighbours (0: off).")
+  _QE_ALPHA = flags.DEFINE_float("qe_alpha", 3.0, "Alpha of --qe.")
+  _DBA = flags.DEFINE_integer("dba", 0, "Query-time DBA over N neighbours (0: off).")
+  _SHORTLIST = flags.DEFINE_integer("shortlist", 100, "Candidates --dba re-ranks.")
   _QUERIES = flags.DEFINE_enum(
     "queries",
     "index",
