@@ -1,6 +1,7 @@
 r"""What collection statistics do to scores: distinct photos against copies of one photo.
 
   python -m bench.statistics --sample=DIR [--work=DIR] [--weights=random] [--descriptor=gem]
+  python -m bench.statistics --speed_rows=200000       # search time with and without statistics
 
 Takes a sample collection (`python -m engine.sample --output=DIR`: DIR/photos, DIR/queries and
 DIR/ground_truth.json), indexes its photos and its transformed copies with `engine.app.indexing`
@@ -8,6 +9,11 @@ DIR/ground_truth.json), indexes its photos and its transformed copies with `engi
 distribution between distinct photos (every photo against every other) and between each copy and
 its original: raw, with centering, and with whitening learned on the photos' index
 (`Index.learn_statistics`). Prints a table; --output writes JSON.
+
+--speed_rows=N instead times `Index.search` on N random int8 rows (D = 512, a shared component
+as real descriptors have): raw, centred and whitened, for 1 and 100 queries (medians of
+--repeats runs after a warm-up), and the first search after opening, which computes the per-row
+factors of the statistics.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
+import time
 
 import numpy as np
 from absl import app, flags
@@ -29,7 +37,8 @@ _WEIGHTS = flags.DEFINE_string("weights", "random", "Weights spec (see engine.in
 _DESCRIPTOR = flags.DEFINE_string("descriptor", "gem", "Descriptor.")
 _WHITEN = flags.DEFINE_string("whiten", "whiten:32", "The whitening policy compared.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the results as JSON here.")
-flags.mark_flag_as_required("sample")
+_SPEED_ROWS = flags.DEFINE_integer("speed_rows", 0, "Time searches on this many random rows.")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs per setting (--speed_rows).")
 
 
 def _summary(x: np.ndarray) -> dict:
@@ -76,9 +85,74 @@ def measure(photos_index: str, copies_index: str, truth: dict[str, str], policie
   return out
 
 
+def _median_s(fn, repeats: int) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def speed(n: int, repeats: int, d: int = 512) -> dict:
+  """Search times on n random int8 rows: {policy: {"q1", "q100", "open_first_q1"} seconds}."""
+  rng = np.random.default_rng(0)
+  out = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "i")
+    with store.Index.create(path, dim=d, dtype="int8") as idx:
+      common = rng.normal(size=d).astype(np.float32) * 2
+      for a in range(0, n, 65536):
+        b = min(n, a + 65536)
+        x = rng.normal(size=(b - a, d)).astype(np.float32) + common
+        idx.add(x, [str(i) for i in range(a, b)])
+      idx.compact()
+    queries = rng.normal(size=(100, d)).astype(np.float32) + common
+    for policy in ("none", "center", "whiten:256"):
+      with store.Index.open(path) as idx:
+        idx.learn_statistics(policy)
+      res = {}
+      with store.Index.open(path, readonly=True) as idx:
+        t = time.perf_counter()
+        idx.search(queries[:1], k=10)
+        res["open_first_q1"] = time.perf_counter() - t
+        res["q1"] = _median_s(lambda idx=idx: idx.search(queries[:1], k=10), repeats)
+        res["q100"] = _median_s(lambda idx=idx: idx.search(queries, k=10), max(1, repeats // 2))
+      out[policy] = res
+  return out
+
+
+def _cpu() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _SPEED_ROWS.value:
+    res = speed(_SPEED_ROWS.value, _REPEATS.value)
+    print(f"# {_cpu()}, {os.cpu_count()} CPUs; N={_SPEED_ROWS.value}, D=512, int8, k=10")
+    print("| statistics | first search after open, Q=1 (s) | Q=1 (ms) | Q=100 (ms) | Q=1 x raw |")
+    print("|---|---|---|---|---|")
+    for policy, r in res.items():
+      ratio = r["q1"] / res["none"]["q1"]
+      print(
+        f"| {policy} | {r['open_first_q1']:.2f} | {1e3 * r['q1']:.1f} | {1e3 * r['q100']:.1f} "
+        f"| {ratio:.2f} |"
+      )
+    if _OUTPUT.value:
+      atomic_write_json(_OUTPUT.value, {"speed": res, "rows": _SPEED_ROWS.value, "cpu": _cpu()})
+    return
+  if not _SAMPLE.value:
+    raise app.UsageError("--sample (or --speed_rows) is required")
   sample = _SAMPLE.value
   work = _WORK.value or os.path.join(sample, "bench-stats")
   with open(os.path.join(sample, "ground_truth.json"), encoding="utf-8") as f:
@@ -91,7 +165,7 @@ def main(argv):
     indexing.index_folder(os.path.join(sample, part), path, extractor, progress=False)
   policies = ["none", "center", _WHITEN.value]
   res = measure(idx_paths["photos"], idx_paths["queries"], truth, policies)
-  print(f"# {platform.processor() or platform.machine()}; {_DESCRIPTOR.value}, {_WEIGHTS.value}")
+  print(f"# {_cpu()}; {_DESCRIPTOR.value}, {_WEIGHTS.value}")
   print("| statistics | distinct median | distinct p99 | copy-original median | p01 | top-1 |")
   print("|---|---|---|---|---|---|")
   for policy, r in res.items():

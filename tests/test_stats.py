@@ -264,3 +264,42 @@ def test_whitened_extractor_refuses_queries_without_that_whitening():
     check_compatible(whitened.index_metadata(), plain)
   with pytest.raises(IncompatibleExtractorError, match="whitening"):
     check_compatible(plain.index_metadata(), whitened)
+
+
+@pytest.mark.parametrize(
+  "dtype,method",
+  [("int8", None), ("int8", "int8-xla"), ("float16", None), ("bfloat16", None), ("float32", None)],
+)
+@pytest.mark.parametrize("nq", [1, 3])
+def test_topk_rank_one_term_against_numpy(dtype, method, nq):
+  import jax.numpy as jnp
+
+  from engine.kernels import topk as topk_lib
+
+  rng = np.random.default_rng(11)
+  n, d = 300, 32
+  x = _unit(rng.normal(size=(n, d))).astype(np.float32)
+  q = _unit(rng.normal(size=(nq, d))).astype(np.float32)
+  qo = rng.normal(size=nq).astype(np.float32)
+  rw = rng.uniform(0.5, 2, size=n).astype(np.float32)
+  if dtype == "int8":
+    m, scales = store.quantize_int8(x)
+    xr = m.astype(np.float64) * scales[:, None]
+  else:
+    m = np.asarray(jnp.asarray(x, dtype))
+    scales = rng.uniform(0.5, 2, size=n).astype(np.float32)
+    xr = np.asarray(jnp.asarray(m, jnp.float32), np.float64) * scales[:, None]
+  valid = rng.uniform(size=n) > 0.2
+  ref = q.astype(np.float64) @ xr.T + qo[:, None].astype(np.float64) * rw[None, :]
+  ref[:, ~valid] = -np.inf
+  s, i = topk_lib.topk(
+    q, m, 10, scales=scales, valid=valid, method=method, query_offset=qo, row_weight=rw
+  )
+  s, i = np.asarray(s), np.asarray(i)
+  assert valid[i].all()
+  # ids re-score to their scores (int8 queries carry their rounding: ~1e-2 of |q| |x|)
+  np.testing.assert_allclose(
+    np.take_along_axis(ref, i, 1), s, atol=3e-2 if dtype == "int8" else 3e-3
+  )
+  want = np.sort(ref, axis=1)[:, ::-1][:, :10]
+  np.testing.assert_allclose(s, want, atol=3e-2 if dtype == "int8" else 3e-3)

@@ -160,8 +160,8 @@ class Index(Commits):
     self._segments: list[Segment] = []
     self._key_rows: dict[str, int] | None = None
     self._stats: stats_lib.Statistics | None = None
-    # (segment name, statistics id) -> (scales, row weights) of engine/store/search.py
-    self._stat_factors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    # (segment name, its vectors' sha256, statistics id) -> (scales, row weights), search.py
+    self._stat_factors: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
     self._closed = False
 
   @classmethod

@@ -172,22 +172,22 @@ def _row_factors(index, stats) -> list[tuple[np.ndarray, np.ndarray]]:
   cache = index._stat_factors
   out = []
   for seg in index.segments:
-    key = (seg.name, stats.id)
+    key = (seg.name, seg.files["vectors"]["sha256"], stats.id)
     if key not in cache:
       scale = np.empty(seg.rows, np.float32)
       weight = np.empty(seg.rows, np.float32)
       for a in range(0, seg.rows, CHUNK_ROWS):
         b = min(seg.rows, a + CHUNK_ROWS)
-        x = seg.dequantize(slice(a, b)).astype(np.float64)
-        n = np.linalg.norm(x, axis=1)
+        x = seg.dequantize(slice(a, b))
+        n = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
         n = np.where(n > 0, n, 1.0)
-        r = stats.row_factors(x / n[:, None])
+        r = stats.row_factors(x, n)
         s = 1.0 if seg.scales is None else np.asarray(seg.scales[a:b], np.float64)
         scale[a:b] = s * r / n
         weight[a:b] = -r
       cache[key] = (scale, weight)
     out.append(cache[key])
-  live = {(s.name, stats.id) for s in index.segments}
+  live = {(s.name, s.files["vectors"]["sha256"], stats.id) for s in index.segments}
   for key in [key for key in cache if key not in live]:
     del cache[key]
   return out

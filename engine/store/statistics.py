@@ -115,10 +115,27 @@ class Statistics:
       y = y @ self.projection_t.astype(np.float64)
     return y.astype(np.float32), (y @ self.mean.astype(np.float64)).astype(np.float32)
 
-  def row_factors(self, x_nd: np.ndarray) -> np.ndarray:
-    """[N] float32 r(x) = 1 / |P^T (x - mu)| of unit rows (0 for a row at the mean)."""
-    n = np.linalg.norm(self.transform(x_nd), axis=1)
-    return np.where(n > _EPS, 1.0 / np.maximum(n, _EPS), 0.0).astype(np.float32)
+  def row_factors(self, x_nd: np.ndarray, norms_n: np.ndarray | None = None) -> np.ndarray:
+    """[N] float32 r(x) = 1 / |P^T (x / n - mu)| of rows x with norms n (given, or computed; 0 for
+    a row at the mean).
+
+    Float32 products (one GEMV, or one GEMM with P), so a segment costs about one pass over its rows:
+    r only ranks the kernel's candidates, which are re-scored exactly (`scores`) afterwards.
+    """
+    x = np.asarray(x_nd, np.float32)
+    n = np.linalg.norm(x, axis=1) if norms_n is None else np.asarray(norms_n, np.float64)
+    n = np.where(n > 0, n, 1.0)
+    mu = self.mean.astype(np.float64)
+    if self.projection_t is None:
+      # |x/n - mu|^2 = |x|^2/n^2 - 2 x.mu / n + |mu|^2
+      xx = np.einsum("ij,ij->i", x, x).astype(np.float64)
+      d2 = xx / n**2 - 2.0 * (x @ self.mean).astype(np.float64) / n + mu @ mu
+    else:
+      y = (x @ self.projection_t.T).astype(np.float64) / n[:, None]
+      y -= self.projection_t.astype(np.float64) @ mu
+      d2 = np.einsum("ij,ij->i", y, y)
+    d = np.sqrt(np.maximum(d2, 0.0))
+    return np.where(d > _EPS, 1.0 / np.maximum(d, _EPS), 0.0).astype(np.float32)
 
   def scores(self, q_qd: np.ndarray, x_qkd: np.ndarray) -> np.ndarray:
     """Exact float64 statistics cosines of unit queries [Q, D] with their unit candidates
