@@ -73,6 +73,13 @@ def define_extractor_flags() -> None:
   )
   flags.DEFINE_float("gem_p", 3.0, "GeM exponent.")
   flags.DEFINE_integer("workers", None, "Image decoding threads (default: CPU count, max 8).")
+  flags.DEFINE_list(
+    "scales",
+    ["1"],
+    "Multi-scale pooled descriptors (mac, spoc, gem, rmac): describe each image at these relative "
+    "sizes too and average the L2-normalised descriptors, e.g. 1,0.707,1.414 (costs one pass per "
+    "scale). Recorded in the index: queries use the index's.",
+  )
   flags.DEFINE_enum(
     "backend",
     "auto",
@@ -96,7 +103,15 @@ def settings() -> extraction.Settings:
     batch_size=f.batch_size,
     workers=f.workers,
     backend=f.backend,
+    scales=_scales(f.scales),
   )
+
+
+def _scales(values: list[str]) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError:
+    raise UserError(f"--scales must be numbers, got {','.join(values)!r}") from None
 
 
 def explicit_settings() -> set[str]:

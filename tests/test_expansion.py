@@ -163,3 +163,31 @@ def test_quality_binary_revisited(tmp_path):
   assert res["easy"]["map"] == pytest.approx(1 / 6) and res["easy"]["queries"] == 1
   assert res["hard"]["map"] == pytest.approx((1 / 6 + 1 / 4) / 2)
   assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["easy", "medium", "hard"]
+
+
+def test_multi_scale_descriptor_is_the_mean_of_normalised_scales():
+  from PIL import Image
+
+  from engine.features.extractor import Extractor, IncompatibleExtractorError, check_compatible
+
+  kw = dict(config="tiny", image_size=64, backend="xla")
+  ms = Extractor("random:4", "gem", scales=(1.0, 0.5, 1.0), **kw)
+  one = Extractor("random:4", "gem", **kw)
+  assert ms.scales == (1.0, 0.5) and ms.dim == one.dim
+  rng = np.random.default_rng(12)
+  batch = rng.integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+  half = np.stack([np.asarray(Image.fromarray(b).resize((48, 32), Image.BILINEAR)) for b in batch])
+  a = _unit(np.asarray(one.run_batch(batch), np.float64))
+  b = _unit(np.asarray(one.run_batch(half), np.float64))
+  np.testing.assert_allclose(ms.run_batch(batch), _unit(a + b), atol=1e-5)
+  feats = ms.extract_arrays(list(batch))
+  np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+  # Recorded: an index of multi-scale descriptors refuses single-scale queries, and is rebuilt
+  # with its scales.
+  with pytest.raises(IncompatibleExtractorError, match="scales"):
+    check_compatible(ms.index_metadata(), one)
+  assert Extractor.from_index_metadata(ms.index_metadata(), backend="xla").scales == (1.0, 0.5)
+  with pytest.raises(ValueError, match="pooled"):
+    Extractor("random:4", "fc2", config="tiny", backend="xla", scales=(1.0, 0.5))
+  with pytest.raises(ValueError, match="scales"):
+    Extractor("random:4", "gem", scales=(0.1,), **kw)

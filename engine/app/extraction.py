@@ -26,7 +26,7 @@ from engine.features.descriptors import Descriptor
 from engine.features.extractor import Extractor, check_compatible
 
 # Settings an index records and compares: given explicitly, they must agree with the index's.
-COMPARED = ("config", "precision", "resize", "image_size", "gem_p", "descriptor")
+COMPARED = ("config", "precision", "resize", "image_size", "gem_p", "descriptor", "scales")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Settings:
     batch_size: images per device call.
     workers: image decoding threads, or None for the default.
     backend: extraction backend, used when an existing index's extractor is rebuilt.
+    scales: relative input sizes of multi-scale pooled descriptors ((1.0,): one scale).
   """
 
   weights: str = "auto"
@@ -54,6 +55,7 @@ class Settings:
   batch_size: int = 16
   workers: int | None = None
   backend: str = "auto"
+  scales: tuple[float, ...] = (1.0,)
 
 
 def find_cached_weights(root: str | None = None) -> str | None:
@@ -117,6 +119,7 @@ def build(
       config=settings.config,
       whitening=whitening,
       workers=settings.workers,
+      scales=settings.scales,
     )
 
 
@@ -159,6 +162,7 @@ def for_index(
       "resize": pre.get("resize"),
       "image_size": pre.get("size"),
       "gem_p": desc.get("p"),
+      "scales": tuple(fp.get("scales", (1.0,))),
     }
     settings = dataclasses.replace(
       settings,

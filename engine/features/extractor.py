@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from engine.common.errors import UserError
 from engine.features import backends, checkpoint, images
@@ -62,6 +63,10 @@ class Extractor:
     config: model preset used with random weights (a name in `model.PRESETS`).
     whitening: optional PCA whitening applied after the descriptor.
     workers: decoding threads.
+    scales: multi-scale pooled descriptors: each image is also described at these relative sizes
+      (bilinear resize of the prepared pixels) and the L2-normalised descriptors are averaged and
+      normalised again. Default (1.0,): one scale. Pooled conv descriptors only (mac, spoc, gem,
+      rmac).
     backend: `xla` (jit, any device), `openvino` (the same model exported to ONNX and compiled by
       OpenVINO's CPU plugin: the fast path on x86 CPUs) or `auto` (OpenVINO where installed on an
       x86 CPU host, XLA otherwise).
@@ -80,6 +85,7 @@ class Extractor:
     whitening: Whitening | None = None,
     workers: int | None = None,
     backend: str = "xla",
+    scales: Sequence[float] = (1.0,),
   ):
     if isinstance(descriptor, str):
       descriptor = Descriptor(descriptor)
@@ -102,6 +108,14 @@ class Extractor:
         f"descriptor {descriptor.name} needs {cfg.image_size}x{cfg.image_size} inputs: use "
         f"resize squash or center_crop with size {cfg.image_size}"
       )
+    scales = tuple(dict.fromkeys(float(x) for x in scales))
+    if not scales or any(not 0.25 <= x <= 4.0 for x in scales):
+      raise ValueError(f"scales must be in [0.25, 4], got {scales}")
+    if scales != (1.0,) and fixed:
+      raise ValueError(
+        f"multi-scale descriptors need a pooled descriptor (mac, spoc, gem, rmac), not "
+        f"{descriptor.name}, whose input size is fixed"
+      )
     if whitening is not None and whitening.in_dim != descriptor.dim(cfg):
       raise ValueError(
         f"whitening expects {whitening.in_dim}-d input, the descriptor is {descriptor.dim(cfg)}-d"
@@ -114,6 +128,7 @@ class Extractor:
     self.batch_size = batch_size
     self.precision = precision
     self.whitening = whitening
+    self.scales = scales
     self.workers = workers or min(8, os.cpu_count() or 2)
     self._graphdef, self._state = nnx.split(model)
     self.backend = backends.resolve(backend)
@@ -135,6 +150,7 @@ class Extractor:
       "dim": self.dim,
       # Whitened descriptors only meet queries whitened the same way (absent: none, as before).
       **({"whitening": self.whitening.fingerprint()} if self.whitening is not None else {}),
+      **({"scales": list(self.scales)} if self.scales != (1.0,) else {}),
     }
 
   def index_metadata(self) -> dict:
@@ -156,6 +172,7 @@ class Extractor:
         image_size=pre["size"],
         precision=fp["precision"],
         config=fp["model"],
+        scales=tuple(fp.get("scales", (1.0,))),
         **kwargs,
       )
     except (KeyError, TypeError) as e:
@@ -191,6 +208,22 @@ class Extractor:
     Returns:
       `[B, D]` float32: a device array from XLA (dispatched, not awaited), numpy from OpenVINO.
     """
+    if self.scales != (1.0,):
+      return self._multi_scale(batch_bhw3)
+    return self._run_one(batch_bhw3)
+
+  def _multi_scale(self, batch_bhw3: np.ndarray) -> np.ndarray:
+    """The normalised mean of the L2-normalised descriptors of every scale, [B, D] float32."""
+    total = None
+    for scale in self.scales:
+      px = batch_bhw3 if scale == 1.0 else rescale(batch_bhw3, scale)
+      d = np.asarray(jax.device_get(self._run_one(px)), np.float64)
+      d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+      total = d if total is None else total + d
+    total /= np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+    return total.astype(np.float32)
+
+  def _run_one(self, batch_bhw3: np.ndarray) -> jax.Array | np.ndarray:
     if self._openvino is not None:
       return self._openvino(batch_bhw3)
     return forward(
@@ -304,6 +337,17 @@ class IncompatibleExtractorError(UserError, ValueError):
 # Recorded in the index but not compared: the OpenVINO fp32 path agrees with XLA's to ~1e-6
 # (tests/test_openvino.py); a change of precision is still refused.
 _RECORDED_ONLY = frozenset({"backend"})
+
+
+def rescale(batch_bhw3: np.ndarray, scale: float) -> np.ndarray:
+  """[B, H, W, 3] uint8 -> [B, round(H * scale), round(W * scale), 3] uint8, bilinear (Pillow),
+  at least 32 pixels a side (the network's stride)."""
+  b, h, w, _ = batch_bhw3.shape
+  size = (max(32, round(w * scale)), max(32, round(h * scale)))
+  out = np.empty((b, size[1], size[0], 3), np.uint8)
+  for i in range(b):
+    out[i] = np.asarray(Image.fromarray(batch_bhw3[i]).resize(size, Image.BILINEAR))
+  return out
 
 
 def check_compatible(meta: dict, extractor: Extractor) -> None:
