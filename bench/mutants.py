@@ -58,6 +58,9 @@ _CAT = "engine/store/catalog.py"
 _SEARCH = "engine/store/search.py"
 
 _T_DESC = ("tests/test_descriptors.py",)
+_STATS = "engine/store/statistics.py"
+_SEARCH = "engine/store/search.py"
+_T_STATS = ("tests/test_stats.py",)
 _T_QUANT = ("tests/test_quantize.py",)
 _T_TOPK = ("tests/test_topk_paths.py",)
 _T_IO = ("tests/test_fileio.py",)
@@ -178,6 +181,28 @@ MUTANTS = [
     "scale = 1.0 / np.sqrt(",
     "scale = 1.0 + 0 * np.sqrt(",
     _T_DESC,
+  ),
+  # collection statistics
+  Mutant(
+    "statistics-bias-sign",
+    _SEARCH,
+    "weight[a:b] = -r",
+    "weight[a:b] = r",
+    _T_STATS,
+  ),
+  Mutant(
+    "statistics-rescore-unnormalised-rows",
+    _STATS,
+    "return np.where(xn > _EPS, dots / np.maximum(xn, _EPS), 0.0)",
+    "return dots",
+    _T_STATS,
+  ),
+  Mutant(
+    "statistics-whitening-unscaled",
+    _STATS,
+    "scale = 1.0 / np.sqrt(np.maximum(eig[order], 0)",
+    "scale = 1.0 + 0 * np.sqrt(np.maximum(eig[order], 0)",
+    _T_STATS,
   ),
   # top-k
   Mutant(
