@@ -24,6 +24,29 @@ from engine.features.preprocess import RESIZE_POLICIES
 
 DESCRIPTOR_NAMES = list(DESCRIPTORS)
 
+# XLA's CPU flags that measured fastest for the binaries' work (bench/xla_flags.py, BUILD.md).
+DEFAULT_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+JAX_CACHE_DIR = "jax"
+
+
+def configure_process() -> None:
+  """Process-wide settings a binary owns, made first thing in `main`, before JAX runs anything.
+
+  XLA reads `XLA_FLAGS` once, when its CPU client starts: `DEFAULT_XLA_FLAGS` unless the user set
+  `XLA_FLAGS` (then theirs stand as given). JAX's persistent compilation cache goes under the
+  engine's cache root (`jax/`), every executable cached however fast it compiled, unless
+  `$VGG_RETRIEVAL_NO_CACHE` is set. Library code never does this: importing or calling it leaves
+  the process's flags alone.
+  """
+  if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = DEFAULT_XLA_FLAGS
+  if fileio.caches_enabled():
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(fileio.cache_root(), JAX_CACHE_DIR))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 def define_descriptor_flags(default: str, help: str) -> None:
   """--descriptor, and --layer: its deprecated spelling (one release), read by `descriptor()`."""

@@ -42,7 +42,7 @@ class Settings:
     gem_p: GeM exponent.
     batch_size: images per device call.
     workers: image decoding threads, or None for the default.
-    backend: extraction backend, used when an existing index's extractor is rebuilt.
+    backend: extraction backend (`auto`: OpenVINO where it can run, else XLA).
   """
 
   weights: str = "auto"
@@ -117,6 +117,7 @@ def build(
       config=settings.config,
       whitening=whitening,
       workers=settings.workers,
+      backend=settings.backend,
     )
 
 
