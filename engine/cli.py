@@ -24,22 +24,28 @@ from engine.features.preprocess import RESIZE_POLICIES
 
 DESCRIPTOR_NAMES = list(DESCRIPTORS)
 
-# XLA's CPU flags that measured fastest for the binaries' work (bench/xla_flags.py, BUILD.md).
-DEFAULT_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+# XLA's CPU flags that measured fastest for each kind of work (bench/xla_flags.py, BUILD.md): with
+# YNNPACK's library fusions off, XLA's own convolutions extract faster, while float32 and int8
+# search products are faster with them on (XLA's defaults).
+DEFAULT_XLA_FLAGS = {"extract": "--xla_cpu_experimental_ynn_fusion_type=", "search": ""}
 JAX_CACHE_DIR = "jax"
 
 
-def configure_process() -> None:
+def configure_process(work: str = "extract") -> None:
   """Process-wide settings a binary owns, made first thing in `main`, before JAX runs anything.
 
-  XLA reads `XLA_FLAGS` once, when its CPU client starts: `DEFAULT_XLA_FLAGS` unless the user set
-  `XLA_FLAGS` (then theirs stand as given). JAX's persistent compilation cache goes under the
-  engine's cache root (`jax/`), every executable cached however fast it compiled, unless
+  Args:
+    work: what the binary mostly does, `extract` (engine.index, engine.extract) or `search`
+      (engine.query, engine.dedup): picks `DEFAULT_XLA_FLAGS[work]`.
+
+  XLA reads `XLA_FLAGS` once, when its CPU client starts: the defaults go in only when the user
+  has not set `XLA_FLAGS` (then theirs stand as given). JAX's persistent compilation cache goes
+  under the engine's cache root (`jax/`), every executable cached however fast it compiled, unless
   `$VGG_RETRIEVAL_NO_CACHE` is set. Library code never does this: importing or calling it leaves
   the process's flags alone.
   """
-  if "XLA_FLAGS" not in os.environ:
-    os.environ["XLA_FLAGS"] = DEFAULT_XLA_FLAGS
+  if "XLA_FLAGS" not in os.environ and DEFAULT_XLA_FLAGS[work]:
+    os.environ["XLA_FLAGS"] = DEFAULT_XLA_FLAGS[work]
   if fileio.caches_enabled():
     import jax
 
