@@ -163,3 +163,15 @@ def test_one_query_image_runs_a_batch_of_one(tmp_path, monkeypatch):
   results = retrieval.query_index(idx_path, paths[1], ex, k=2)
   assert [s[0] for s in shapes] == [1]
   assert results.matches[0][1][0][0] == paths[1]
+
+
+def test_openvino_compiles_into_its_cache_under_the_cache_root(cache, tiny_weights, tmp_path):
+  if not backends.available():
+    pytest.skip(f"the OpenVINO backend cannot run here: {backends.unavailable_reason()}")
+  ex = Extractor(tiny_weights, "gem", batch_size=2, backend="openvino")
+  assert ex._network is None  # nothing loaded until an export needs the parameters
+  px = _pixels(2, seed=3)
+  got = backends.OpenVINOExtraction(ex, cache_dir=str(tmp_path / "exported"))(px)
+  assert os.listdir(cache / backends.OPENVINO_CACHE_DIR)
+  want = np.asarray(Extractor(tiny_weights, "gem", batch_size=2).run_batch(px))
+  np.testing.assert_allclose(got, want, atol=1e-5)
