@@ -12,6 +12,9 @@ Generates a folder of 1024x768 JPEGs (synthetic scenes, quality 90) and measures
   extract     Extractor.extract_paths: decoding overlapped with the model, no index
   index       engine.indexer.index_folder into a fresh index: the whole path (walk, sha256 of
               every file, decode, model, int8 quantisation, commits)
+  native OV   (--descriptor=fc2 at 224 on OpenVINO, with torch installed) the peer: a plain
+              PyTorch VGG-16 to fc2 exported to ONNX and run by OpenVINO itself on batches of
+              --batch_size, model only (no decoding); the table then gives index / native OV
 
 The model is compiled before any timing (one warm-up call per input shape). Light stages are
 medians of --runs runs, model stages of --model_runs runs. The last column gives each stage's
@@ -56,6 +59,28 @@ def _median(fn, runs: int) -> tuple[float, list[float]]:
     fn()
     times.append(time.perf_counter() - t)
   return statistics.median(times), times
+
+
+def native_openvino(batch: int, precision: str, workdir: str, n: int):
+  """Seconds for n images through plain OpenVINO on a torch-exported VGG-16 to fc2 (model only)."""
+  import openvino as ov
+  import torch
+
+  from bench.peers import torch_vgg16_to_fc2
+
+  path = os.path.join(workdir, f"torch_vgg16_fc2_b{batch}.onnx")
+  if not os.path.exists(path):
+    torch.onnx.export(
+      torch_vgg16_to_fc2(), torch.rand(batch, 3, 224, 224), path, input_names=["x"], dynamo=False
+    )
+  core = ov.Core()
+  hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+  compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+  request = compiled.create_infer_request()
+  x = np.random.default_rng(0).random((batch, 3, 224, 224), np.float32)
+  request.infer({0: x}, share_inputs=True)  # warm-up
+  calls = -(-n // batch)
+  return lambda: [request.infer({0: x}, share_inputs=True) for _ in range(calls)]
 
 
 def measure(paths: list[str], extractor, dtype: str, runs: int, model_runs: int, workdir: str):
@@ -103,6 +128,12 @@ def measure(paths: list[str], extractor, dtype: str, runs: int, model_runs: int,
     ("extract", lambda: extractor.extract_paths(paths), model_runs),
     ("index", index, model_runs),
   ]
+  if extractor.backend == "openvino" and extractor.descriptor.name == "fc2":
+    try:
+      peer = native_openvino(extractor.batch_size, extractor.precision, workdir, n)
+      stages.append(("native OV", peer, model_runs))
+    except ImportError as e:
+      print(f"native OpenVINO peer skipped: {e}")
   rows = []
   for name, fn, r in stages:
     sec, all_s = _median(fn, r)
@@ -110,7 +141,7 @@ def measure(paths: list[str], extractor, dtype: str, runs: int, model_runs: int,
       {"stage": name, "seconds": sec, "all_seconds": all_s, "runs": r, "images_per_s": n / sec}
     )
     print(f"{name:10s} {n / sec:8.1f} images/s", flush=True)
-  total = rows[-1]["seconds"]
+  total = next(r["seconds"] for r in rows if r["stage"] == "index")
   for row in rows:
     row["fraction_of_index"] = row["seconds"] / total
   return rows, compile_s
@@ -119,8 +150,12 @@ def measure(paths: list[str], extractor, dtype: str, runs: int, model_runs: int,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from bench.xla_flags import cpu_line
+  from engine import cli
   from engine.features.extractor import Extractor
 
+  cli.configure_process()  # what engine.index does: its XLA flags (unless XLA_FLAGS is set)
+  print(cpu_line(), flush=True)
   small = _SMALL.value
   n = 24 if small else _IMAGES.value
   config = "tiny" if small else _CONFIG.value
@@ -160,7 +195,9 @@ def main(argv):
     "decode_workers": extractor.workers,
     "cpus": os.cpu_count(),
     "compile_s": compile_s,
+    "backend": extractor.backend,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "cpu": cpu_line(),
   }
   if _OUTPUT.value:
     atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
@@ -175,6 +212,12 @@ def main(argv):
       f"{r['stage']:10s} {r['images_per_s']:9.1f} {1e3 / r['images_per_s']:9.1f} "
       f"{r['fraction_of_index']:9.0%} {r['runs']:5d}"
     )
+  by = {r["stage"]: r["images_per_s"] for r in rows}
+  if "native OV" in by:
+    print(
+      f"index / native OpenVINO model-only: {by['index'] / by['native OV']:.2f}x "
+      f"(target >= 0.9x); XLA_FLAGS={meta['xla_flags']!r}; backend {extractor.backend}"
+    )
 
 
 if __name__ == "__main__":
@@ -188,7 +231,9 @@ if __name__ == "__main__":
   _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per device call.")
   _PRECISION = flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "Compute precision.")
   _CONFIG = flags.DEFINE_enum("config", "vgg16", list(PRESETS), "Model preset.")
-  _BACKEND = flags.DEFINE_enum("backend", "xla", ["xla", "openvino", "auto"], "Extraction backend.")
+  _BACKEND = flags.DEFINE_enum(
+    "backend", "auto", ["xla", "openvino", "auto"], "Extraction backend."
+  )
   _SMALL = flags.DEFINE_bool("small", False, "Quick check: tiny model, 24 images.")
   _RUNS = flags.DEFINE_integer("runs", 3, "Timed runs of the light stages (median).")
   _MODEL_RUNS = flags.DEFINE_integer("model_runs", 1, "Timed runs of the model stages (median).")

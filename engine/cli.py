@@ -24,6 +24,35 @@ from engine.features.preprocess import RESIZE_POLICIES
 
 DESCRIPTOR_NAMES = list(DESCRIPTORS)
 
+# XLA's CPU flags that measured fastest for each kind of work (bench/xla_flags.py, BUILD.md): with
+# YNNPACK's library fusions off, XLA's own convolutions extract faster, while float32 and int8
+# search products are faster with them on (XLA's defaults).
+DEFAULT_XLA_FLAGS = {"extract": "--xla_cpu_experimental_ynn_fusion_type=", "search": ""}
+JAX_CACHE_DIR = "jax"
+
+
+def configure_process(work: str = "extract") -> None:
+  """Process-wide settings a binary owns, made first thing in `main`, before JAX runs anything.
+
+  Args:
+    work: what the binary mostly does, `extract` (engine.index, engine.extract) or `search`
+      (engine.query, engine.dedup): picks `DEFAULT_XLA_FLAGS[work]`.
+
+  XLA reads `XLA_FLAGS` once, when its CPU client starts: the defaults go in only when the user
+  has not set `XLA_FLAGS` (then theirs stand as given). JAX's persistent compilation cache goes
+  under the engine's cache root (`jax/`), every executable cached however fast it compiled, unless
+  `$VGG_RETRIEVAL_NO_CACHE` is set. Library code never does this: importing or calling it leaves
+  the process's flags alone.
+  """
+  if "XLA_FLAGS" not in os.environ and DEFAULT_XLA_FLAGS[work]:
+    os.environ["XLA_FLAGS"] = DEFAULT_XLA_FLAGS[work]
+  if fileio.caches_enabled():
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(fileio.cache_root(), JAX_CACHE_DIR))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 def define_descriptor_flags(default: str, help: str) -> None:
   """--descriptor, and --layer: its deprecated spelling (one release), read by `descriptor()`."""

@@ -26,6 +26,7 @@ flags.mark_flag_as_required("index")
 
 
 def main(argv):
+  cli.configure_process("search")
   # File names that are not UTF-8 print as \udcXX escapes (also valid inside JSON strings).
   sys.stdout.reconfigure(errors="backslashreplace")
   if len(argv) > 1:

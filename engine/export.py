@@ -34,6 +34,7 @@ flags.mark_flag_as_required("output")
 
 
 def main(argv):
+  cli.configure_process()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():

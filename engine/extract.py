@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["images", "output"])
 
 
 def main(argv):
+  cli.configure_process()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():

@@ -56,6 +56,7 @@ flags.mark_flags_as_required(["index", "query"])
 
 
 def main(argv):
+  cli.configure_process("search")
   # File names that are not UTF-8 print as \udcXX escapes (also valid inside JSON strings).
   sys.stdout.reconfigure(errors="backslashreplace")
   if len(argv) > 1:

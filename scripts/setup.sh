@@ -13,6 +13,13 @@ spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 # Versions the project is tested with (scripts/constraints.txt).
 python -m pip install -q -c scripts/constraints.txt -e "$spec"
+# The ONNX exporter of the OpenVINO backend, where the install above brought OpenVINO (x86-64,
+# Python 3.11+; pyproject.toml). It pins an older orbax-checkpoint than the engine needs and runs
+# fine without it, hence --no-deps. Without it the engine extracts with XLA and says why.
+if python -c "import openvino" 2>/dev/null && ! python -c "import jax2onnx" 2>/dev/null; then
+  python -m pip install -q --no-deps "jax2onnx==0.17.1" \
+    || echo "warning: jax2onnx did not install; extraction will run on XLA (slower on CPU)" >&2
+fi
 # The native search kernels (engine/kernels/native): built here, never while searching; the search
 # falls back to XLA (one warning says why) where they are not built or the CPU has neither AVX2 nor
 # AVX-512 (then nothing is compiled).

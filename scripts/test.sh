@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh test,cpu
 . .venv/bin/activate
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-# jax2onnx pins an older orbax-checkpoint than the engine needs; it runs fine without it.
+# The exporter (scripts/setup.sh installs it where the default install has OpenVINO; the `cpu`
+# extra brings OpenVINO everywhere). It pins an older orbax-checkpoint; it runs fine without it.
 python -c "import jax2onnx" 2>/dev/null || python -m pip install -q --no-deps "jax2onnx==0.17.1"
 ruff check . && ruff format --check . >/dev/null
 # The layering of the engine (pyproject.toml, [tool.importlinter]).

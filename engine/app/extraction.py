@@ -42,7 +42,7 @@ class Settings:
     gem_p: GeM exponent.
     batch_size: images per device call.
     workers: image decoding threads, or None for the default.
-    backend: extraction backend, used when an existing index's extractor is rebuilt.
+    backend: extraction backend (`auto`: OpenVINO where it can run, else XLA).
     scales: relative input sizes of multi-scale pooled descriptors ((1.0,): one scale).
   """
 
@@ -120,6 +120,7 @@ def build(
       whitening=whitening,
       workers=settings.workers,
       scales=settings.scales,
+      backend=settings.backend,
     )
 
 

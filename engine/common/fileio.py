@@ -15,15 +15,24 @@ from collections.abc import Callable
 from typing import IO, Any
 
 CACHE_ENV = "VGG_RETRIEVAL_CACHE"
+# Set to 1 (or true/yes) to neither read nor write the caches of derived artefacts: seeded random
+# weights, JAX's compiled executables and OpenVINO's compiled models (recomputed every run).
+NO_CACHE_ENV = "VGG_RETRIEVAL_NO_CACHE"
 
 
 def cache_root() -> str:
   """The one per-user cache every reader and writer uses: `$VGG_RETRIEVAL_CACHE`, default
   `~/.cache/vgg-retrieval`. It holds fetched and converted weights (`weights.fetch`, found by
-  `--weights=auto`), exported graphs (`exported/`) and compiled kernels (`native/`)."""
+  `--weights=auto`), exported graphs (`exported/`), compiled kernels (`native/`), seeded random weights
+  (`random-weights/`), JAX's compiled executables (`jax/`) and OpenVINO's (`openvino/`)."""
   return os.environ.get(CACHE_ENV) or os.path.join(
     os.path.expanduser("~"), ".cache", "vgg-retrieval"
   )
+
+
+def caches_enabled() -> bool:
+  """False when `$VGG_RETRIEVAL_NO_CACHE` asks for no caches of derived artefacts."""
+  return os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
 
 
 def current_umask() -> int:

@@ -11,8 +11,8 @@ The exported graph is cached, so it is built once per weights, descriptor and in
 `$VGG_RETRIEVAL_CACHE/exported/` (default `~/.cache/vgg-retrieval/exported/`). The file name
 carries a sha256 of everything the graph depends on (weights fingerprint, model, pixel convention,
 descriptor, height and width); the batch is symbolic in the file and fixed when OpenVINO compiles
-it, with the precision (`INFERENCE_PRECISION_HINT`). A compiled blob imports no faster than the
-ONNX file compiles, so it is not cached.
+it, with the precision (`INFERENCE_PRECISION_HINT`). OpenVINO's own cache of compiled models
+(`CACHE_DIR`) lives in `$VGG_RETRIEVAL_CACHE/openvino/` unless `$VGG_RETRIEVAL_NO_CACHE` is set.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import threading
 
 import jax
 import numpy as np
+from absl import logging
 
 from engine.common import fileio
 from engine.features import onnx_export
@@ -35,6 +36,7 @@ BACKENDS = ("xla", "openvino", "auto")
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 EXPORT_VERSION = 1
 EXPORTED_DIR = "exported"
+OPENVINO_CACHE_DIR = "openvino"
 
 # How often a graph was exported / compiled in this process (tests check the cache with it).
 build_counts: collections.Counter = collections.Counter()
@@ -45,15 +47,29 @@ def is_x86() -> bool:
   return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+def unavailable_reason() -> str | None:
+  """Why the OpenVINO backend cannot run here, or None when it can (an x86 CPU, OpenVINO
+  importable, the exporter installed)."""
+  if not is_x86():
+    return f"this CPU ({platform.machine()}) is not x86"
+  try:
+    import openvino  # noqa: F401
+  except Exception as e:  # noqa: BLE001 - a broken install raises anything; all mean "not here"
+    return f"openvino cannot be imported ({type(e).__name__}: {e})"
+  missing = [m for m in ("jax2onnx", "onnx") if importlib.util.find_spec(m) is None]
+  if missing:
+    return f"the exporter is not installed ({', '.join(missing)})"
+  return None
+
+
 def available() -> bool:
-  """Whether the OpenVINO backend can run here: x86 CPU, OpenVINO and the exporter installed."""
-  return is_x86() and all(
-    importlib.util.find_spec(m) is not None for m in ("openvino", "jax2onnx", "onnx")
-  )
+  """Whether the OpenVINO backend can run here."""
+  return unavailable_reason() is None
 
 
 def resolve(backend: str) -> str:
-  """`auto` -> `openvino` on an x86 CPU with OpenVINO installed (and JAX on CPU), else `xla`.
+  """`auto` -> `openvino` on an x86 CPU with OpenVINO importable (and JAX on CPU), else `xla`;
+  `auto` logs one line saying which and why.
 
   Raises:
     ValueError: unknown backend, or `openvino` requested where it cannot run.
@@ -61,19 +77,39 @@ def resolve(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "auto":
-    # With an accelerator, XLA is the fast path.
-    return "openvino" if available() and jax.default_backend() == "cpu" else "xla"
-  if backend == "openvino" and not available():
-    why = "this CPU is not x86" if not is_x86() else "openvino is not installed"
-    raise ValueError(
-      f"backend openvino cannot run here ({why}); pip install openvino jax2onnx onnx "
-      "(the project's `cpu` extra), or use --backend=xla"
+    platform_name = jax.default_backend()
+    if platform_name != "cpu":  # with an accelerator, XLA is the fast path
+      logging.info("extraction backend: xla (auto: JAX runs on %s)", platform_name)
+      return "xla"
+    why = unavailable_reason()
+    if why is None:
+      logging.info("extraction backend: openvino (auto: installed, x86 CPU)")
+      return "openvino"
+    logging.warning(
+      "extraction backend: xla, the slower CPU path (auto: %s; the default install has "
+      "OpenVINO where it ships wheels: pip install -e .[cpu])",
+      why,
     )
+    return "xla"
+  if backend == "openvino":
+    why = unavailable_reason()
+    if why is not None:
+      raise ValueError(
+        f"backend openvino cannot run here ({why}); pip install openvino jax2onnx onnx "
+        "(the project's `cpu` extra), or use --backend=xla"
+      )
   return backend
 
 
 def default_cache_dir() -> str:
   return os.path.join(fileio.cache_root(), EXPORTED_DIR)
+
+
+def compiled_cache_dir() -> str | None:
+  """Where OpenVINO caches compiled models (its `CACHE_DIR`), or None with caches disabled."""
+  if not fileio.caches_enabled():
+    return None
+  return os.path.join(fileio.cache_root(), OPENVINO_CACHE_DIR)
 
 
 def cache_dir_for(extractor) -> str:
@@ -125,9 +161,16 @@ class OpenVINORunner:
     shape: the fixed input shape `(B, H, W, 3)`.
     precision: `fp32` or `bf16` (OpenVINO's INFERENCE_PRECISION_HINT; bf16 runs the convolutions
       and matrix products on AMX with float32 accumulation where the CPU has it).
+    compiled_cache: OpenVINO's `CACHE_DIR` for compiled models, or None for no cache.
   """
 
-  def __init__(self, onnx_path: str, shape: tuple[int, ...], precision: str = "fp32"):
+  def __init__(
+    self,
+    onnx_path: str,
+    shape: tuple[int, ...],
+    precision: str = "fp32",
+    compiled_cache: str | None = None,
+  ):
     import openvino as ov
 
     if precision not in PRECISION_HINTS:
@@ -137,9 +180,11 @@ class OpenVINORunner:
     core = ov.Core()
     model = core.read_model(onnx_path)
     model.reshape({0: list(self.shape)})
-    self._compiled = core.compile_model(
-      model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
-    )
+    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
+    if compiled_cache:
+      os.makedirs(compiled_cache, exist_ok=True)
+      config["CACHE_DIR"] = compiled_cache
+    self._compiled = core.compile_model(model, "CPU", config)
     self._request = self._compiled.create_infer_request()
     build_counts["compile"] += 1
 
@@ -169,7 +214,7 @@ def make_runner(
   """
   _, height, width, _ = shape
   path = exported_onnx(extractor, height, width, cache_dir)
-  return OpenVINORunner(path, shape, precision or extractor.precision)
+  return OpenVINORunner(path, shape, precision or extractor.precision, compiled_cache_dir())
 
 
 class OpenVINOExtraction:

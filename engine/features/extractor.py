@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -93,8 +94,8 @@ class Extractor:
       raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model, info = checkpoint.resolve(weights, config, PRECISIONS[precision])
-    cfg = model.config
+    info = checkpoint.resolve_info(weights, config)
+    cfg = model_lib.ModelConfig.by_name(info.config)
     if descriptor.model_tap not in cfg.tap_names:
       raise ValueError(f"tap {descriptor.model_tap!r} is not in the model: {cfg.tap_names}")
     fixed = descriptor.needs_fixed_size
@@ -130,9 +131,24 @@ class Extractor:
     self.whitening = whitening
     self.scales = scales
     self.workers = workers or min(8, os.cpu_count() or 2)
-    self._graphdef, self._state = nnx.split(model)
     self.backend = backends.resolve(backend)
     self._openvino = backends.OpenVINOExtraction(self) if self.backend == "openvino" else None
+    # The parameters are loaded when first needed: OpenVINO runs a cached export without them.
+    self._network: tuple[nnx.GraphDef, nnx.State] | None = None
+    self._network_lock = threading.Lock()
+    if self._openvino is None:
+      self._load_network()
+
+  def _load_network(self) -> tuple[nnx.GraphDef, nnx.State]:
+    with self._network_lock:
+      if self._network is None:
+        model, info = checkpoint.resolve(
+          self.weights_spec, self.config.name, PRECISIONS[self.precision]
+        )
+        if info != self.weights_info:
+          raise checkpoint.WeightsError(f"{self.weights_spec}: the weights changed while in use")
+        self._network = nnx.split(model)
+      return self._network
 
   @property
   def dim(self) -> int:
@@ -194,10 +210,11 @@ class Extractor:
         float32 either way, so `jnp.float32` gives the float32 network of a bf16 extractor (what
         the ONNX export traces).
     """
+    graphdef, state = self._load_network()
     if dtype is None or jnp.dtype(dtype) == jnp.dtype(PRECISIONS[self.precision]):
-      return self._graphdef, self._state
+      return graphdef, state
     graphdef, _ = nnx.split(model_lib.abstract_model(self.config, dtype))
-    return graphdef, self._state
+    return graphdef, state
 
   def run_batch(self, batch_bhw3: np.ndarray) -> jax.Array | np.ndarray:
     """One batch of already prepared pixels through the backend, without whitening.
@@ -226,9 +243,10 @@ class Extractor:
   def _run_one(self, batch_bhw3: np.ndarray) -> jax.Array | np.ndarray:
     if self._openvino is not None:
       return self._openvino(batch_bhw3)
+    graphdef, state = self._load_network()
     return forward(
-      self._graphdef,
-      self._state,
+      graphdef,
+      state,
       batch_bhw3,
       convention=self.preprocessing.convention,
       descriptor=self.descriptor,
