@@ -25,8 +25,8 @@ from engine.features.preprocess import RESIZE_POLICIES
 DESCRIPTOR_NAMES = list(DESCRIPTORS)
 
 # XLA's CPU flags that measured fastest for each kind of work (bench/xla_flags.py, BUILD.md): with
-# YNNPACK's library fusions off, XLA's own convolutions extract faster, while float32 and int8
-# search products are faster with them on (XLA's defaults).
+# YNNPACK's library fusions off, XLA's own convolutions extract faster, while the float32 search
+# products are faster with them on (XLA's defaults).
 DEFAULT_XLA_FLAGS = {"extract": "--xla_cpu_experimental_ynn_fusion_type=", "search": ""}
 JAX_CACHE_DIR = "jax"
 
