@@ -1,5 +1,6 @@
 """Helpers of the fault and bad-input suites: photo folders, a stub extractor, forked runs that
-die at chosen points, and the invariants an index must keep after any fault."""
+die at chosen points, and the invariants an index must keep after any fault. Binaries run through
+`binlib.run` (re-exported here as `run`)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,19 @@ import os
 import pathlib
 import signal
 import sqlite3
-import subprocess
-import sys
-import tempfile
 import time
 import traceback
 
 import numpy as np
+
+# The binaries run through binlib (in this process; `fault=` SIGKILLs a subprocess at a crash point).
+from binlib import TINY, run  # noqa: F401 - re-exported: the suites call faultlib.run
 
 from engine import store
 from engine.app import indexing, sample
 from engine.common import fileio
 from engine.store import faults
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = tempfile.mkdtemp(prefix="vgg-retrieval-fault-cache-")
-TINY = ["--weights=random:5", "--config=tiny", "--image_size=64", "--batch_size=4", "--backend=xla"]
 TINY_KW = dict(descriptor="gem", image_size=64, batch_size=4, config="tiny", backend="xla")
 DIM = 16
 
@@ -228,44 +226,6 @@ def check_index(path, expected: dict | None = None, atol: float = 0.02) -> list[
 def vectors_of(path) -> dict[str, np.ndarray]:
   with store.Index.open(path, readonly=True) as idx:
     return {k: v.copy() for k, v in idx.iter_vectors()}
-
-
-# Runs a binary's __main__ with a crash point armed: argv = [point, n, module, *args].
-_ARMED_MAIN = (
-  "import runpy, sys; from engine.store import faults; "
-  "point, n, module = sys.argv[1:4]; del sys.argv[1:4]; faults.kill_at(point, int(n)); "
-  "sys.argv[0] = module; runpy.run_module(module, run_name='__main__', alter_sys=True)"
-)
-
-
-def run(module, *args, ok=True, env=None, timeout=300, fault=None):
-  """Runs a binary as a user would; with ok=False it must fail with one line, no traceback.
-
-  fault: "POINT:N" SIGKILLs the binary the N-th time it reaches the store's crash point POINT.
-  """
-  if fault:
-    point, _, n = fault.partition(":")
-    argv = [sys.executable, "-c", _ARMED_MAIN, point, n or "1", module, *args]
-  else:
-    argv = [sys.executable, "-m", module, *args]
-  proc = subprocess.run(
-    argv,
-    cwd=ROOT,
-    capture_output=True,
-    env={**os.environ, "VGG_RETRIEVAL_CACHE": CACHE, **(env or {})},
-    timeout=timeout,
-  )
-  proc.out = proc.stdout.decode("utf-8", "surrogateescape")
-  proc.err = proc.stderr.decode("utf-8", "surrogateescape")
-  if ok is True:
-    assert proc.returncode == 0, f"{module} {args} failed:\n{proc.out}\n{proc.err}"
-  elif ok is False:
-    assert proc.returncode not in (0, None), f"{module} {args} should fail:\n{proc.out}"
-    assert proc.returncode > 0, f"{module} {args} died from a signal:\n{proc.err}"
-    assert "Traceback" not in proc.err, proc.err
-    errors = [ln for ln in proc.err.splitlines() if ln.startswith("error")]
-    assert len(errors) == 1, proc.err
-  return proc
 
 
 def catalog_query(path, sql: str) -> list[tuple]:

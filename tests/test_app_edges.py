@@ -9,16 +9,16 @@ from conftest import write_image
 
 from engine.app import extraction, indexing, report, retrieval, walk
 from engine.common.errors import UserError
-from engine.features.extractor import Extractor, IncompatibleExtractorError
+from engine.features.extractor import IncompatibleExtractorError
 
 
 @pytest.fixture(scope="module")
-def three(tmp_path_factory):
+def three(tmp_path_factory, tiny_extractor):
   folder = tmp_path_factory.mktemp("three")
   for i in range(3):
     write_image(folder / f"{i}.png", seed=i)
   index = str(tmp_path_factory.mktemp("idx") / "i")
-  extractor = Extractor("random:4", "gem", config="tiny", image_size=64, backend="xla")
+  extractor = tiny_extractor("gem", weights="random:4", batch_size=16)
   indexing.index_folder(str(folder), index, extractor, progress=False)
   return folder, index, extractor
 

@@ -100,10 +100,8 @@ def make_torture(folder) -> tuple[set[str], dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  from engine.features.extractor import Extractor
-
-  return Extractor("random:5", **faultlib.TINY_KW)
+def tiny(tiny_extractor):
+  return tiny_extractor()  # the extractor of faultlib.TINY
 
 
 def _deny(monkeypatch, path):

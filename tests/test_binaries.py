@@ -1,49 +1,38 @@
-"""End to end: the binaries as a user runs them, as subprocesses on a temporary photo folder."""
+"""End to end: the binaries as a user runs them, on a temporary photo folder.
+
+They run in this process (`binlib.run`: the same `python -m` entry, flags, output and exit code,
+without 8-10 s of start-up and compilation per run); `test_every_binary_runs_as_a_process` runs
+each of them once as a real subprocess.
+"""
 
 from __future__ import annotations
 
-import atexit
 import html.parser
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tempfile
 
+import binlib
 import numpy as np
 import pytest
+from binlib import TINY
 from conftest import shared_data_or_skip, write_image
 
 from engine.app import sample
 
-CACHE = tempfile.mkdtemp(prefix="vgg-retrieval-test-cache-")  # exported graphs land here
-atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--weights=random:5", "--config=tiny", "--image_size=64", "--batch_size=4", "--backend=xla"]
 
-
-def run(module, *args, ok=True):
-  env = {**os.environ, "VGG_RETRIEVAL_CACHE": CACHE}
-  proc = subprocess.run(
-    [sys.executable, "-m", module, *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
-  )
-  if ok:
-    assert proc.returncode == 0, f"{module} {args} failed:\n{proc.stdout}\n{proc.stderr}"
-  else:
-    assert proc.returncode != 0, f"{module} {args} should have failed:\n{proc.stdout}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-  return proc
+def run(module, *args, ok=True, subprocess=False):
+  """A binary's run; ok=False: it must fail without a traceback (usage errors print more lines)."""
+  r = binlib.run(module, *args, ok=True if ok else None, subprocess=subprocess)
+  if not ok:
+    assert r.returncode > 0, f"{module} {args} should have failed:\n{r.out}"
+    assert "Traceback" not in r.err, r.err
+  return r
 
 
 def _summary(proc):
-  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("indexed ")][-1]
+  line = [ln for ln in proc.out.splitlines() if ln.startswith("indexed ")][-1]
   words = line.replace(",", "").split()
   return {words[i]: int(words[i + 1]) for i in range(0, 8, 2)}
 
@@ -78,11 +67,47 @@ def photos(tmp_path):
   return folder
 
 
+def test_every_binary_runs_as_a_process(tmp_path):
+  """Each binary once as a real `python -m` child: entry point, pipes and exit code of a process."""
+  out, index = tmp_path / "sample", tmp_path / "idx"
+  r = run("engine.sample", f"--output={out}", "--scenes=5", "--queries=1", subprocess=True)
+  assert "wrote 5 photos and 1 queries" in r.out
+  r = run("engine.index", f"--images={out / 'photos'}", f"--index={index}", *TINY, subprocess=True)
+  assert _summary(r) == {"indexed": 5, "unchanged": 0, "failed": 0, "pruned": 0}
+  (query,) = json.loads((out / "ground_truth.json").read_text())
+  r = run(
+    "engine.query",
+    f"--index={index}",
+    f"--query={query}",
+    "--k=2",
+    "--backend=xla",
+    subprocess=True,
+  )
+  assert r.out.count("query: ") == 1 and len(re.findall(r"^ +[12] ", r.out, re.M)) == 2, r.out
+  r = run("engine.dedup", f"--index={index}", "--format=json", subprocess=True)
+  assert "groups" in json.loads(r.out)
+  feats = tmp_path / "feats"
+  r = run(
+    "engine.extract", f"--images={out / 'queries'}", f"--output={feats}", *TINY, subprocess=True
+  )
+  assert np.load(feats / "features.npy").shape == (1, 32)  # fc2 of the tiny model
+  onnx = tmp_path / "m.onnx"
+  r = run(
+    "engine.export", "--weights=random:5", "--config=tiny", "--descriptor=gem", f"--output={onnx}",
+    "--height=64", "--width=64", subprocess=True,
+  )  # fmt: skip
+  assert onnx.stat().st_size > 0
+  p = run(
+    "engine.query", f"--index={index}", f"--query={query}", "--k=0", ok=False, subprocess=True
+  )
+  assert p.returncode == 1 and p.err.startswith("error: ") and "k" in p.err
+
+
 def test_index_reindex_add_change_prune_query_dedup(tmp_path, photos):
   index = str(tmp_path / "idx")
   first = run("engine.index", f"--images={photos}", f"--index={index}", *TINY)
   assert _summary(first) == {"indexed": 7, "unchanged": 0, "failed": 1, "pruned": 0}
-  assert "corrupt.jpg" in first.stdout and "RANDOM" in first.stdout
+  assert "corrupt.jpg" in first.out and "RANDOM" in first.out
   failures = (tmp_path / "idx" / "last_run_failures.tsv").read_text()
   assert "corrupt.jpg\t" in failures
 
@@ -100,7 +125,7 @@ def test_index_reindex_add_change_prune_query_dedup(tmp_path, photos):
     "engine.index", f"--images={photos}", f"--index={index}", "--prune", "--compact", *TINY
   )
   assert _summary(fourth)["pruned"] == 1
-  assert re.search(r"compacted \d+ segments into 1 \(7 images\)", fourth.stdout), fourth.stdout
+  assert re.search(r"compacted \d+ segments into 1 \(7 images\)", fourth.out), fourth.out
 
   q = run(
     "engine.query",
@@ -110,7 +135,7 @@ def test_index_reindex_add_change_prune_query_dedup(tmp_path, photos):
     "--format=json",
     f"--html={tmp_path / 'r.html'}",
   )
-  out = json.loads(q.stdout)
+  out = json.loads(q.out)
   matches = out["results"][0]["matches"]
   assert {matches[0]["key"], matches[1]["key"]} == {
     str(photos / "p0.jpg"),
@@ -125,11 +150,11 @@ def test_index_reindex_add_change_prune_query_dedup(tmp_path, photos):
     assert any(os.path.basename(m["key"]) in t for t in page.text)
 
   text = run("engine.query", f"--index={index}", f"--query={photos}", "--k=2")
-  assert text.stdout.count("query: ") == 7  # every decodable photo left, corrupt one skipped
-  assert "corrupt.jpg" in text.stderr
+  assert text.out.count("query: ") == 7  # every decodable photo left, corrupt one skipped
+  assert "corrupt.jpg" in text.err
 
   d = run("engine.dedup", f"--index={index}", "--threshold=0.999", "--format=json")
-  groups = json.loads(d.stdout)["groups"]
+  groups = json.loads(d.out)["groups"]
   assert [sorted(m["key"] for m in g) for g in groups] == [
     sorted([str(photos / "p0.jpg"), str(photos / "copy_of_p0.jpg")])
   ]
@@ -154,32 +179,32 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, photos):
   run("engine.index", f"--images={photos}", f"--index={index}", *TINY)
   query = str(photos / "p0.jpg")
   p = run("engine.query", f"--index={index}", f"--query={query}", "--k=0", ok=False)
-  assert "k" in p.stderr
+  assert "k" in p.err
   # Checked before any work: not after extracting and searching.
   p = run(
     "engine.query", f"--index={index}", f"--query={query}", "--html=/no/such/r.html", ok=False
   )
-  assert "the folder /no/such does not exist" in p.stderr and "RANDOM" not in p.stdout
+  assert "the folder /no/such does not exist" in p.err and "RANDOM" not in p.out
   p = run("engine.query", f"--index={tmp_path / 'missing'}", f"--query={query}", ok=False)
-  assert "no index" in p.stderr
+  assert "no index" in p.err
   p = run(
     "engine.query", f"--index={index}", f"--query={photos / 'corrupt.jpg'}", "--k=1", ok=False
   )
-  assert "decod" in p.stderr
+  assert "decod" in p.err
   p = run("engine.index", f"--images={photos}", f"--index={index}", "--weights=/no/such", ok=False)
-  assert "does not exist" in p.stderr
+  assert "does not exist" in p.err
   p = run(
     "engine.index", f"--images={photos}", f"--index={index}", "--descriptor=mac", *TINY, ok=False
   )
-  assert "different extractor" in p.stderr and "descriptor" in p.stderr
+  assert "different extractor" in p.err and "descriptor" in p.err
   empty = tmp_path / "empty"
   empty.mkdir()
   p = run("engine.index", f"--images={empty}", f"--index={tmp_path / 'idx2'}", *TINY, ok=False)
-  assert "no images" in p.stderr
+  assert "no images" in p.err
   p = run("engine.index", "--images=/no/such/folder", f"--index={tmp_path / 'i3'}", *TINY, ok=False)
-  assert "no such" in p.stderr
+  assert "no such" in p.err
   p = run("engine.index", f"--index={index}", ok=False)
-  assert "images" in p.stderr
+  assert "images" in p.err
 
 
 @pytest.mark.parametrize(
@@ -193,73 +218,59 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, photos):
   ],
 )
 def test_help_lists_the_flags_a_user_needs(module, listed):
-  out = run(module, "--help", ok=False).stdout  # absl's --help exits 1
+  out = run(module, "--help", ok=False).out  # absl's --help exits 1
   for flag in listed:
     assert f"{flag}:" in out or f"{flag}=" in out, (module, flag, out)
   assert "--[no]normalize" in out or module not in ("engine.extract", "engine.export")
 
 
-def test_layer_is_a_deprecated_spelling_of_descriptor(tmp_path):
-  """--layer still works for one release, with a warning; given with --descriptor, they must agree."""
-  child = (
-    "import sys\n"
-    "from absl import app, flags\n"
-    "from engine import cli\n"
-    "cli.define_descriptor_flags('fc2', 'Descriptor.')\n"
-    "cli.define_extractor_flags()\n"
-    "app.run(lambda argv: print(cli.descriptor(), sorted(cli.explicit_settings())))\n"
-  )
-
-  def descriptor(*args):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-c", child, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-
-  plain, old, both = (
-    descriptor(),
-    descriptor("--layer=mac"),
-    descriptor("--layer=mac", "--descriptor=gem"),
-  )
-  assert plain.stdout.split("[")[0].split() == ["fc2"] and "deprecated" not in plain.stderr
-  assert old.stdout.startswith("mac ['descriptor']") and "--layer is deprecated" in old.stderr
-  assert both.returncode != 0 and "disagree" in both.stderr and "Traceback" not in both.stderr
-
-
-_PLANTED = """
-import sys
+_LAYER_CHILD = """
 from absl import app
-from engine import extract
-from engine.app import extraction
-from engine.common import errors
-
-def build(*args, **kwargs):
-  raise {error}("{message}")
-
-extraction.build = build
-sys.argv = ["engine.extract", *sys.argv[1:]]
-app.run(extract.main)
+from engine import cli
+cli.define_descriptor_flags("fc2", "Descriptor.")
+cli.define_extractor_flags()
+app.run(lambda argv: print(cli.descriptor(), sorted(cli.explicit_settings())))
 """
 
 
-@pytest.mark.parametrize("error", ["errors.UserError", "errors.SettingsError", "ValueError"])
-def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, error):
-  """Only a UserError is the user's to fix; a ValueError from inside the library is a bug."""
-  message = f"planted {error}"
-  proc = subprocess.run(
-    [sys.executable, "-c", _PLANTED.format(error=error, message=message)]
-    + [f"--images={tmp_path}", f"--output={tmp_path / 'out'}"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    env={**os.environ, "PYTHONPATH": ROOT, "VGG_RETRIEVAL_CACHE": CACHE},
-    timeout=300,
+def test_layer_is_a_deprecated_spelling_of_descriptor(tmp_path):
+  """--layer still works for one release, with a warning; given with --descriptor, they must agree."""
+  child = tmp_path / "child.py"
+  child.write_text(_LAYER_CHILD)
+  plain, old, both = (
+    binlib.run(str(child), ok=True),
+    binlib.run(str(child), "--layer=mac", ok=True),
+    binlib.run(str(child), "--layer=mac", "--descriptor=gem", ok=None),
   )
-  assert message in proc.stderr, proc.stderr
+  assert plain.out.split("[")[0].split() == ["fc2"] and "deprecated" not in plain.err
+  assert old.out.startswith("mac ['descriptor']") and "--layer is deprecated" in old.err
+  assert both.returncode != 0 and "disagree" in both.err and "Traceback" not in both.err
+
+
+@pytest.mark.parametrize("error", ["errors.UserError", "errors.SettingsError", "ValueError"])
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, error):
+  """Only a UserError is the user's to fix; a ValueError from inside the library is a bug."""
+  from engine.app import extraction
+  from engine.common import errors
+
+  message = f"planted {error}"
+  exc = {"errors.UserError": errors.UserError, "errors.SettingsError": errors.SettingsError}.get(
+    error, ValueError
+  )
+
+  def build(*args, **kwargs):
+    raise exc(message)
+
+  monkeypatch.setattr(extraction, "build", build)
+  proc = binlib.run(
+    "engine.extract", f"--images={tmp_path}", f"--output={tmp_path / 'out'}", ok=None
+  )
+  assert message in proc.err, proc.err
   if error == "ValueError":
-    assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "Traceback" in proc.err, proc.err
   else:
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [f"error: {message}"]
+    assert proc.returncode == 1 and "Traceback" not in proc.err, proc.err
+    assert [ln for ln in proc.err.splitlines() if ln.strip()] == [f"error: {message}"]
 
 
 def test_extract_writes_features_and_paths(tmp_path, photos):
@@ -289,7 +300,7 @@ def test_shared_photos_transformed_copies_rank_above_unrelated(tmp_path):
     "--k=13",
     "--format=json",
   )
-  keys = [os.path.basename(m["key"]) for m in json.loads(q.stdout)["results"][0]["matches"]]
+  keys = [os.path.basename(m["key"]) for m in json.loads(q.out)["results"][0]["matches"]]
   assert keys[0] == "ukbench00120.jpg"
   assert set(keys[1:4]) == {
     "ukbench00120_hflip.jpg",

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
+import binlib
 import numpy as np
 import pytest
 
@@ -87,25 +86,16 @@ def test_fixed_size_descriptors_refuse_other_sizes(tiny_weights):
 
 def test_export_binary_writes_a_runnable_model_with_provenance(tmp_path, tiny_weights):
   out = tmp_path / "tiny_rmac.onnx"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "engine.export",
-      f"--weights={tiny_weights}",
-      "--layer=rmac",
-      "--format=onnx",
-      f"--output={out}",
-      "--batch_size=2",
-      "--height=64",
-      "--width=96",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
+  binlib.run(
+    "engine.export",
+    f"--weights={tiny_weights}",
+    "--layer=rmac",
+    "--format=onnx",
+    f"--output={out}",
+    "--batch_size=2",
+    "--height=64",
+    "--width=96",
   )
-  assert proc.returncode == 0, proc.stderr[-2000:]
   import onnx
 
   proto = onnx.load(str(out))

@@ -2,16 +2,14 @@
 bytes that are not UTF-8. Every text output keeps one record per line, and names round-trip."""
 
 import os
-import subprocess
-import sys
 
+import binlib
 import numpy as np
 import pytest
 from conftest import write_image
 
 from engine.app import extraction, indexing
 from engine.common import textio
-from engine.features.extractor import Extractor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "x.jpg\n    1  1.0000  /etc/evil.jpg"
@@ -20,8 +18,8 @@ NON_UTF8 = b"caf\xe9.png"  # a Latin-1 name: not UTF-8
 
 
 @pytest.fixture(scope="module")
-def extractor():
-  return Extractor("random:4", "gem", config="tiny", image_size=64, backend="xla")
+def extractor(tiny_extractor):
+  return tiny_extractor("gem", weights="random:4", batch_size=16)
 
 
 def _folder(root, with_non_utf8=True):
@@ -90,16 +88,13 @@ def test_query_text_output_cannot_be_spoofed(tmp_path, extractor):
   src = _folder(str(tmp_path / "photos"), False)
   index = str(tmp_path / "idx")
   indexing.index_folder(src, index, extractor, progress=False)
-  proc = subprocess.run(
-    [sys.executable, "-m", "engine.query", f"--index={index}", f"--query={src}/{EVIL}.png"]
-    + ["--weights=random:4", "--config=tiny", "--image_size=64", "--backend=xla", "--k=10"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  proc = binlib.run(
+    "engine.query",
+    f"--index={index}",
+    f"--query={src}/{EVIL}.png",
+    *["--weights=random:4", "--config=tiny", "--image_size=64", "--backend=xla", "--k=10"],
   )
-  assert proc.returncode == 0, proc.stderr
-  lines = proc.stdout.splitlines()
+  lines = proc.out.splitlines()
   ranks = [ln for ln in lines if ln.startswith("  ") and ln.split()[0].isdigit()]
   assert len(ranks) == len(NAMES)  # one line per match: no injected rank line
   assert not any(ln.split()[2:3] == ["/etc/evil.jpg.png"] for ln in lines)  # the injected one

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import binlib
 import numpy as np
 import pytest
 
@@ -213,14 +214,11 @@ def test_quality_binary(tmp_path):
   for k in ("100000", "100001", "100002", "100100", "100101"):
     _write(tmp_path / "jpg" / f"{k}.jpg", "")
   truth, out = tmp_path / "truth.json", tmp_path / "res.json"
-  cmd = [sys.executable, "-m", "bench.quality", f"--ground_truth={truth}"]
-  run = lambda *a: subprocess.run([*cmd, *a], cwd=REPO, capture_output=True, text=True)
-  r = run(f"--convert_holidays={tmp_path / 'jpg'}")
-  assert r.returncode == 0, r.stderr
+  run = lambda *a: binlib.run("bench.quality", f"--ground_truth={truth}", *a)
+  run(f"--convert_holidays={tmp_path / 'jpg'}")
   r = run(f"--index={tmp_path / 'idx'}", f"--output={out}")
-  assert r.returncode == 0, r.stderr
   assert json.loads(out.read_text())["map"] == pytest.approx(11 / 24)
-  assert "holidays" in r.stdout.splitlines()[-1]
+  assert "holidays" in r.out.splitlines()[-1]
 
 
 def test_quality_extracts_cropped_queries_with_the_index_extractor(tmp_path):
@@ -302,21 +300,17 @@ def test_copydetect_dataset_and_baseline():
 
 def test_copydetect_small_run(tmp_path):
   out = tmp_path / "cd.json"
-  r = subprocess.run(
-    [
-      sys.executable, "-m", "bench.copydetect", "--small", "--transforms=hflip,crop80,jpeg20",
-      "--descriptors=fc2,gem", f"--output={out}",
-    ],
-    cwd=REPO, capture_output=True, text=True,
+  r = binlib.run(
+    "bench.copydetect", "--small", "--transforms=hflip,crop80,jpeg20", "--descriptors=fc2,gem",
+    f"--output={out}",
   )  # fmt: skip
-  assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
   got = {(row["weights"], row["descriptor"], row["dtype"]) for row in res["rows"]}
   assert ("random", "gem", "int8") in got and ("pixels", "pix16", "float32") in got
   for row in res["rows"]:
     assert set(row["by_transform"]) == {"hflip", "crop80", "jpeg20"}
     assert 0.0 <= row["all"]["map"] <= 1.0
-  assert "recall@1 per transformation" in r.stdout
+  assert "recall@1 per transformation" in r.out
 
 
 def test_bench_modules_import_side_by_side():
