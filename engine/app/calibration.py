@@ -1,8 +1,9 @@
 """Calibration curves: what a duplicate threshold means in precision, for given weights.
 
 A curve is measured by `python -m bench.copydetect --dedup` on the offline copy-detection
-benchmark (photos, their transformed copies, distractors): for each threshold, the precision and
-recall of the pairs that the grouping puts together. It holds for one extractor (weights,
+benchmark (photos, their transformed copies, distractors): for each threshold, the precision of
+the pairs that the grouping puts together and the recall of the copies (the fraction grouped with
+their original). It holds for one extractor (weights,
 descriptor, preprocessing, precision, dim), one set of collection statistics and one linkage, and
 is stored with the weights:
 

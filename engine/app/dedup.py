@@ -87,7 +87,10 @@ def select_threshold(
   if precision is None and tier is None:
     if curve is None:
       return Selection(
-        UNCALIBRATED_THRESHOLD, f"default threshold {UNCALIBRATED_THRESHOLD} (uncalibrated)", None, why
+        UNCALIBRATED_THRESHOLD,
+        f"default threshold {UNCALIBRATED_THRESHOLD} (uncalibrated)",
+        None,
+        why,
       )
     tier = DEFAULT_TIER
     label = f"default --tier={tier} (precision {calibration.TIERS[tier]})"
@@ -115,7 +118,9 @@ class Result:
     return grouping.rule(self.linkage, self.selection.threshold)
 
 
-def find(idx: store.Index, selection: Selection, *, linkage: str = "complete", k: int = 32) -> Result:
+def find(
+  idx: store.Index, selection: Selection, *, linkage: str = "complete", k: int = 32
+) -> Result:
   """Groups of the index under `linkage` at the selected threshold, each with a suggested keeper."""
   groups = grouping.find_groups(idx, selection.threshold, linkage=linkage, k=k)
   decisions = [moves.choose_keeper([moves.file_info(key) for key in g.keys]) for g in groups]

@@ -80,7 +80,9 @@ class Graph:
     return self.edges.get((a, b) if a < b else (b, a))
 
   def sorted_edges(self) -> list[tuple[float, str, str]]:
-    return sorted(((s, a, b) for (a, b), s in self.edges.items()), key=lambda e: (-e[0], e[1], e[2]))
+    return sorted(
+      ((s, a, b) for (a, b), s in self.edges.items()), key=lambda e: (-e[0], e[1], e[2])
+    )
 
 
 def neighbour_graph(idx: store.Index, threshold: float, *, k: int = 32, chunk: int = 1024) -> Graph:
@@ -207,13 +209,3 @@ def pair_counts(groups: Iterable[Group], same: dict[str, str]) -> tuple[int, int
         total += 1
         right += labels[i] is not None and labels[i] == labels[j]
   return total, right
-
-
-def true_pairs(labels: Iterable[str | None]) -> int:
-  """How many pairs of images share a label (None: a unique image)."""
-  counts: dict[str, int] = {}
-  for lab in labels:
-    if lab is not None:
-      counts[lab] = counts.get(lab, 0) + 1
-  return sum(c * (c - 1) // 2 for c in counts.values())
-
