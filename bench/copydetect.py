@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from bench import metrics
 from engine.app import sample
-from engine.common.fileio import atomic_write_json
+from engine.common.fileio import atomic_write, atomic_write_json
 from engine.features.model import PRESETS
 
 SHARED = os.path.join(
@@ -287,11 +287,13 @@ def score(
   return out
 
 
-THRESHOLDS = np.round(
-  np.concatenate(
-    [np.arange(0.3, 0.9, 0.02), np.arange(0.9, 0.99, 0.005), np.arange(0.99, 1.0, 0.0005), [1.0]]
-  ),
-  4,
+THRESHOLDS = np.unique(
+  np.round(
+    np.concatenate(
+      [np.arange(0.3, 0.9, 0.02), np.arange(0.9, 0.99, 0.005), np.arange(0.99, 1.0, 0.0005), [1.0]]
+    ),
+    4,
+  )
 )
 STATISTICS = ("none", "centered")
 
@@ -463,8 +465,17 @@ def main(argv):
           **kwargs,
         )
         t = time.perf_counter()
-        fd = extract_many(ex, group, db.pixels[policy])
-        fq = extract_many(ex, group, queries.pixels[policy])
+        cache = _FEATURES_CACHE.value and f"{_FEATURES_CACHE.value}.{label}.{policy}.npz"
+        if cache and os.path.exists(cache):
+          with np.load(cache, allow_pickle=False) as z:
+            fd = {n: z[f"db_{n}"] for n in group}
+            fq = {n: z[f"q_{n}"] for n in group}
+        else:
+          fd = extract_many(ex, group, db.pixels[policy])
+          fq = extract_many(ex, group, queries.pixels[policy])
+          if cache:
+            arrays = {f"db_{n}": fd[n] for n in group} | {f"q_{n}": fq[n] for n in group}
+            atomic_write(cache, lambda f, a=arrays: np.savez(f, **a))
         secs = time.perf_counter() - t
         n_img = len(db) + len(queries)
         timings[f"{label}/{policy}"] = {"seconds": secs, "images": n_img}
@@ -656,6 +667,11 @@ if __name__ == "__main__":
   _AP = flags.DEFINE_enum("ap", "trapezoid", list(metrics.AP_RULES), "AP rule.")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generated images and random transforms.")
   _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+  _FEATURES_CACHE = flags.DEFINE_string(
+    "features_cache",
+    None,
+    "Path prefix of .npz files keeping the extracted features between runs (same flags only).",
+  )
   _DEDUP = flags.DEFINE_bool(
     "dedup", False, "Measure duplicate grouping (precision/recall of grouped pairs) instead."
   )

@@ -154,7 +154,8 @@ def find_curve(
 
 def threshold_for(curve: Mapping, precision: float) -> dict:
   """The lowest threshold whose precision, and that of every higher threshold measured, reaches
-  `precision` (the most recall for it). Returns that point.
+  `precision` (the most recall for it); thresholds that grouped no pair count for nothing. Returns
+  that point.
 
   Raises:
     CalibrationError: no measured threshold reaches it.
@@ -162,11 +163,13 @@ def threshold_for(curve: Mapping, precision: float) -> dict:
   points: Sequence[dict] = curve["points"]
   best = None
   for p in reversed(points):
+    if not p["pairs"]:
+      continue  # nothing grouped there: no measure of precision, and nothing to show
     if p["precision"] < precision:
       break
     best = p
   if best is None:
-    top = max(points, key=lambda p: (p["precision"], p["threshold"]))
+    top = max(points, key=lambda p: (p["pairs"] > 0, p["precision"], p["threshold"]))
     raise CalibrationError(
       f"no threshold reaches precision {precision} on the calibration benchmark (best "
       f"{top['precision']:.3f} at threshold {top['threshold']:.4f}): ask for less, or give "

@@ -100,7 +100,14 @@ def select_threshold(
     label = f"--precision={precision}"
   if curve is None:
     raise calibration.CalibrationError(f"{label} needs a calibration: {why}; or give --threshold")
-  point = calibration.threshold_for(curve, precision or calibration.TIERS[tier])
+  try:
+    point = calibration.threshold_for(curve, precision or calibration.TIERS[tier])
+  except calibration.CalibrationError:
+    if not label.startswith("default"):
+      raise
+    # The default must run: the most precise threshold measured, said as such.
+    point = max(curve["points"], key=lambda p: (p["pairs"] > 0, p["precision"], p["threshold"]))
+    label = f"default: the most precise calibrated threshold (tier {tier} not reached)"
   return Selection(point["threshold"], label, point)
 
 
