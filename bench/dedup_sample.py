@@ -26,13 +26,6 @@ from bench.copydetect import centre
 from engine import store
 from engine.app import calibration, grouping
 
-_INDEX = flags.DEFINE_string("index", None, "Index of the sample photos and their copies.")
-_TRUTH = flags.DEFINE_string("ground_truth", None, "engine.sample's ground_truth.json.")
-_TIER = flags.DEFINE_enum("tier", "near", sorted(calibration.TIERS), "Calibrated tier.")
-_THRESHOLD = flags.DEFINE_float("threshold", None, "A raw threshold instead of the tier.")
-_LINKAGE = flags.DEFINE_enum("linkage", "complete", list(grouping.LINKAGES), "Grouping rule.")
-flags.mark_flags_as_required(["index", "ground_truth"])
-
 
 def _evaluate(groups, truth: dict) -> dict:
   label = {q: o for q, o in truth.items()}
@@ -93,4 +86,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags exist only when run as a program, so the module stays importable next to others.
+  _INDEX = flags.DEFINE_string("index", None, "Index of the sample photos and their copies.")
+  _TRUTH = flags.DEFINE_string("ground_truth", None, "engine.sample's ground_truth.json.")
+  _TIER = flags.DEFINE_enum("tier", "near", sorted(calibration.TIERS), "Calibrated tier.")
+  _THRESHOLD = flags.DEFINE_float("threshold", None, "A raw threshold instead of the tier.")
+  _LINKAGE = flags.DEFINE_enum("linkage", "complete", list(grouping.LINKAGES), "Grouping rule.")
+  flags.mark_flags_as_required(["index", "ground_truth"])
   app.run(main)
