@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import pathlib
@@ -16,7 +18,7 @@ import pytest
 from PIL import Image
 
 from engine import store
-from engine.app import dedup, indexing, moves, sample
+from engine.app import dedup, grouping, indexing, moves, sample
 
 
 def _write(path, seed, size=(96, 72), quality=85):
@@ -273,3 +275,23 @@ def test_moves_across_file_systems_copy_then_link(collection, monkeypatch):
     ]
   moves.undo(done.journal)
   assert _snapshot(root) == before
+
+
+def test_every_output_escapes_hostile_names(tmp_path):
+  evil = str(tmp_path / '<script>alert("x")</script>\n&.jpg')
+  plain = str(tmp_path / "b.jpg")
+  _write(evil, 1)
+  _write(plain, 1, size=(128, 96))
+  g = grouping.Group((evil, plain), (0.97, 0.97), 0.97)
+  d = moves.choose_keeper([moves.file_info(evil), moves.file_info(plain)])
+  res = dedup.Result(
+    dedup.Selection(0.95, "--threshold", None, "no calibration <b>"), "complete", [g], [d]
+  )
+  page = dedup.render(res, "html")
+  assert "<script>" not in page and "<b>" not in page and "&lt;script&gt;" in page
+  text = dedup.render(res, "text")
+  assert "\\n&.jpg" in text and text.count("\n") == 4, "one line per member, the name escaped"
+  rows = list(csv.reader(io.StringIO(dedup.render(res, "csv"))))
+  assert rows[1][1:3] == ["keep", plain] and rows[2][1:3] == ["duplicate", evil]
+  doc = json.loads(dedup.render(res, "json"))
+  assert doc["groups"][0]["members"][1]["key"] == evil
