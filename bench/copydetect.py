@@ -18,8 +18,8 @@ distractors form one collection, grouped by `engine.app.grouping` (complete link
 engine Index) at a grid of thresholds; a pair put in one group is right when both are the same
 photo (precision: the fraction of grouped pairs that are right; recall: the fraction of copies
 grouped with their original). It prints both per descriptor, with and without collection
-statistics (here: the collection's mean descriptor subtracted before L2 normalisation, in numpy,
-until the index applies it at search time), and with `--write_calibration` stores each curve with
+statistics (here: the mean descriptor of the originals and distractors subtracted before L2
+normalisation, in numpy, until the index applies it at search time), and with `--write_calibration` stores each curve with
 its weights (`engine.app.calibration`), which `engine.dedup --precision/--tier` reads. For the
 curve to apply to an index, use the index's settings (e.g. `--image_size=320`, the engine's
 default).
@@ -328,7 +328,9 @@ def dedup_curve(
 
   x = np.concatenate([db_nd, q_qd]).astype(np.float32)
   if statistics == "centered":
-    x = centre(x, x.mean(axis=0))
+    # The mean of the originals and distractors: in this benchmark each original has many copies,
+    # which would pull the mean towards the originals; in a real collection copies are few.
+    x = centre(x, db_nd.mean(axis=0))
   elif statistics != "none":
     raise ValueError(f"unknown statistics {statistics!r}")
   keys = list(db_keys) + [f"copy/{q}" for q in truth["queries"]]

@@ -15,7 +15,7 @@ of `Index.search` (a self-join in chunks, among each image's --k nearest).
 The threshold: --threshold (a raw score), or --precision (the precision of duplicate pairs wanted)
 or --tier (exact: 0.99, near: 0.95, similar: 0.8), mapped to a threshold through the calibration
 curve measured for the index's weights and descriptor on the copy-detection benchmark (stored
-with the weights; `python -m bench.copydetect --dedup` measures it). Without any, --tier=near when
+with the weights; `python -m bench.copydetect --dedup` measures it). Without any, --tier=exact when
 the weights are calibrated, else 0.9. The output states the rule and the expected precision.
 
 Each group names a keeper (highest resolution, then largest file, then oldest; the reason is

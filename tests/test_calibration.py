@@ -67,7 +67,7 @@ def test_a_precision_target_picks_the_lowest_threshold_that_holds_above(tmp_path
     assert sel.threshold == 0.9, "0.7 reaches 0.96, but 0.8 above it does not"
     assert "expected precision 0.970" in sel.describe()
     assert dedup.select_threshold(idx, tier="similar").threshold == 0.7
-    assert dedup.select_threshold(idx).chosen_by.startswith("default --tier=near")
+    assert dedup.select_threshold(idx).chosen_by.startswith("default --tier=exact")
     raw = dedup.select_threshold(idx, threshold=0.92)
     assert raw.threshold == 0.92 and raw.expected["precision"] == 0.97
     assert dedup.select_threshold(idx, threshold=0.1).expected is None

@@ -16,7 +16,7 @@ from engine.common.errors import UserError
 
 # Used when no calibration exists for the index's weights and no threshold is given.
 UNCALIBRATED_THRESHOLD = 0.9
-DEFAULT_TIER = "near"
+DEFAULT_TIER = "exact"
 FORMATS = ("text", "csv", "json", "html")
 
 
