@@ -13,6 +13,17 @@ weights (random and each converted folder given, reported separately). A pixel b
 thumbnails, L2-normalised; and the same with each thumbnail's mean removed) shows what a descriptor
 adds over comparing colours.
 
+`--dedup` measures duplicate grouping instead: the originals, all their copies and the
+distractors form one collection, grouped by `engine.app.grouping` (complete linkage, through an
+engine Index) at a grid of thresholds; a pair put in one group is right when both are the same
+photo (precision: the fraction of grouped pairs that are right; recall: the fraction of copies
+grouped with their original). It prints both per descriptor, with and without collection
+statistics (here: the mean descriptor of the originals and distractors subtracted before L2
+normalisation, in numpy, until the index applies it at search time), and with `--write_calibration` stores each curve with
+its weights (`engine.app.calibration`), which `engine.dedup --precision/--tier` reads. For the
+curve to apply to an index, use the index's settings (e.g. `--image_size=320`, the engine's
+default).
+
 Each query has exactly one relevant image (its original), so recall@k is the fraction of copies
 whose original is in the top k, and AP (trapezoidal rule, the Oxford/Holidays code) is 1 at rank 1
 and 1 / (2r) at rank r > 1 (`--ap=noninterpolated` gives 1 / r: the mean reciprocal rank).
@@ -38,7 +49,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from bench import metrics
 from engine.app import sample
-from engine.common.fileio import atomic_write_json
+from engine.common.fileio import atomic_write, atomic_write_json
 from engine.features.model import PRESETS
 
 SHARED = os.path.join(
@@ -276,6 +287,94 @@ def score(
   return out
 
 
+THRESHOLDS = np.unique(
+  np.round(
+    np.concatenate(
+      [np.arange(0.3, 0.9, 0.02), np.arange(0.9, 0.99, 0.005), np.arange(0.99, 1.0, 0.0005), [1.0]]
+    ),
+    4,
+  )
+)
+STATISTICS = ("none", "centered")
+
+
+def centre(x_nd: np.ndarray, mean_d: np.ndarray) -> np.ndarray:
+  """Rows minus the collection mean, L2-normalised again."""
+  y = x_nd - mean_d
+  return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def dedup_curve(
+  db_nd: np.ndarray,
+  db_keys: Sequence[str],
+  q_qd: np.ndarray,
+  truth: dict,
+  dtype: str,
+  workdir: str,
+  statistics: str = "none",
+  thresholds: Sequence[float] = THRESHOLDS,
+  linkage: str = "complete",
+  k: int = 32,
+) -> list[dict]:
+  """Grouping originals + copies + distractors at each threshold: precision of the grouped pairs,
+  recall of the copies (grouped with their original).
+
+  Returns:
+    [{"threshold", "precision", "recall", "pairs"}] by increasing threshold; precision is 1.0 where
+    no pair is grouped.
+  """
+  from engine.app import grouping
+  from engine.store import Index
+
+  x = np.concatenate([db_nd, q_qd]).astype(np.float32)
+  if statistics == "centered":
+    # The mean of the originals and distractors: in this benchmark each original has many copies,
+    # which would pull the mean towards the originals; in a real collection copies are few.
+    x = centre(x, db_nd.mean(axis=0))
+  elif statistics != "none":
+    raise ValueError(f"unknown statistics {statistics!r}")
+  keys = list(db_keys) + [f"copy/{q}" for q in truth["queries"]]
+  label = {key: key[len("orig/") :] for key in db_keys if key.startswith("orig/")}
+  for q, entry in truth["queries"].items():
+    label[f"copy/{q}"] = entry["original"]
+  copies = [(f"copy/{q}", f"orig/{e['original']}") for q, e in truth["queries"].items()]
+  path = tempfile.mkdtemp(dir=workdir)
+  with Index.create(path, dim=x.shape[1], dtype=dtype) as idx:
+    idx.add(x, keys)
+    full = grouping.neighbour_graph(idx, float(min(thresholds)), k=k)
+  edges = full.sorted_edges()
+  out = []
+  for t in sorted(thresholds):
+    g = grouping.Graph()
+    for s, a, b in edges:
+      if s < t:
+        break
+      g.add(a, b, s)
+    groups = grouping.group_graph(g, linkage)
+    total, right = grouping.pair_counts(groups, label)
+    where = {key: i for i, gr in enumerate(groups) for key in gr.keys}
+    found = sum(where.get(c, -1) == where.get(o, -2) for c, o in copies)
+    out.append(
+      {
+        "threshold": float(t),
+        "precision": right / total if total else 1.0,
+        "recall": found / len(copies) if copies else 0.0,
+        "pairs": int(total),
+      }
+    )
+  return out
+
+
+def best_at(points: Sequence[dict], precision: float) -> dict | None:
+  """The calibration point `engine.dedup --precision` would pick (see engine.app.calibration)."""
+  from engine.app import calibration
+
+  try:
+    return calibration.threshold_for({"points": points}, precision)
+  except calibration.CalibrationError:
+    return None
+
+
 def _summary(res: dict) -> dict:
   return {k: res[k] for k in ("map", "recall@1", "recall@10", "queries")}
 
@@ -352,6 +451,7 @@ def main(argv):
         pixel_baseline(queries.thumbs, name),
       )
     timings = {}
+    fingerprints = {}  # (weights label, descriptor) -> (weights spec, Extractor fingerprint)
     for spec in _WEIGHTS.value:
       label = _weights_label(spec)
       for policy, group in (("fixed", fixed), ("pooled", pooled)):
@@ -367,8 +467,17 @@ def main(argv):
           **kwargs,
         )
         t = time.perf_counter()
-        fd = extract_many(ex, group, db.pixels[policy])
-        fq = extract_many(ex, group, queries.pixels[policy])
+        cache = _FEATURES_CACHE.value and f"{_FEATURES_CACHE.value}.{label}.{policy}.npz"
+        if cache and os.path.exists(cache):
+          with np.load(cache, allow_pickle=False) as z:
+            fd = {n: z[f"db_{n}"] for n in group}
+            fq = {n: z[f"q_{n}"] for n in group}
+        else:
+          fd = extract_many(ex, group, db.pixels[policy])
+          fq = extract_many(ex, group, queries.pixels[policy])
+          if cache:
+            arrays = {f"db_{n}": fd[n] for n in group} | {f"q_{n}": fq[n] for n in group}
+            atomic_write(cache, lambda f, a=arrays: np.savez(f, **a))
         secs = time.perf_counter() - t
         n_img = len(db) + len(queries)
         timings[f"{label}/{policy}"] = {"seconds": secs, "images": n_img}
@@ -379,6 +488,24 @@ def main(argv):
         )
         for n in group:
           features[(label, n)] = (fd[n], fq[n])
+          fingerprints[(label, n)] = (spec, _fingerprint(ex, n))
+    if _DEDUP.value:
+      for (label, name), (fd, fq) in features.items():
+        for stats in STATISTICS:
+          curve = dedup_curve(fd, db_keys, fq, truth, _DTYPES.value[0], workdir, stats)
+          rows.append(
+            {
+              "weights": label,
+              "descriptor": name,
+              "dim": int(fd.shape[1]),
+              "dtype": _DTYPES.value[0],
+              "statistics": stats,
+              "curve": curve,
+            }
+          )
+          if _WRITE_CALIBRATION.value and (label, name) in fingerprints:
+            _write_calibration(*fingerprints[(label, name)], stats, curve, len(db_keys) + len(fq))
+      features = {}
     for (label, name), (fd, fq) in features.items():
       for dtype in _DTYPES.value:
         res = score(fd, db_keys, fq, truth, dtype, workdir, _AP.value)
@@ -407,7 +534,75 @@ def main(argv):
   }
   if _OUTPUT.value:
     atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
-  print_tables(meta, rows, transforms)
+  if _DEDUP.value:
+    print_dedup(meta, rows)
+  else:
+    print_tables(meta, rows, transforms)
+
+
+def _fingerprint(ex, name: str) -> dict:
+  """The fingerprint an index of descriptor `name` built by `ex`'s settings records."""
+  from engine.features.descriptors import Descriptor
+
+  fp = ex.fingerprint()
+  desc = Descriptor(name)
+  fp["descriptor"], fp["dim"] = desc.to_dict(), desc.dim(ex.config)
+  return fp
+
+
+def _write_calibration(spec: str, fp: dict, stats: str, curve: list, images: int) -> None:
+  from engine.app import calibration
+
+  path = calibration.path_for(spec, fp["weights"])
+  if path is None:
+    print(f"no place to store the calibration of {spec}", flush=True)
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  bench = {
+    "tool": "python -m bench.copydetect --dedup",
+    "date": time.strftime("%Y-%m-%d"),
+    "photos": _PHOTOS.value or default_photos() or "generated",
+    "images": images,
+    "transforms": _TRANSFORMS.value or list(TRANSFORMS),
+    "index_dtype": _DTYPES.value[0],
+  }
+  calibration.save_curve(
+    path,
+    {
+      "extractor": fp,
+      "statistics": stats,
+      "linkage": "complete",
+      "benchmark": bench,
+      "points": curve,
+    },
+  )
+  print(f"wrote the {stats} curve of {fp['descriptor']['name']} to {path}", flush=True)
+
+
+def print_dedup(meta: dict, rows: list[dict]) -> None:
+  print(
+    f"\nduplicate groups (complete linkage): {meta['originals']} originals x "
+    f"{len(meta['transforms'])} copies + {meta['distractors']} distractors; model "
+    f"{meta['config']}, {meta['precision']}, {rows[0]['dtype'] if rows else ''} index; {meta['date']}"
+  )
+  print(
+    f"{'weights':10s} {'descriptor':10s} {'statistics':10s} "
+    f"{'t@P.95':>7s} {'R@P.95':>7s} {'t@P.99':>7s} {'R@P.99':>7s} {'P@R.8':>7s} {'t@R.8':>7s}"
+  )
+  for r in rows:
+    c = r["curve"]
+    p95, p99 = best_at(c, 0.95), best_at(c, 0.99)
+    at_r8 = [p for p in c if p["recall"] >= 0.8]
+    best = max(at_r8, key=lambda p: p["precision"]) if at_r8 else None
+
+    def f(p, key):
+      return f"{p[key]:7.4f}" if p else f"{'-':>7s}"
+
+    print(
+      f"{r['weights']:10s} {r['descriptor']:10s} {r['statistics']:10s} "
+      f"{f(p95, 'threshold')} {f(p95, 'recall')} {f(p99, 'threshold')} {f(p99, 'recall')} "
+      f"{f(best, 'precision')} {f(best, 'threshold')}"
+    )
 
 
 def print_tables(meta: dict, rows: list[dict], transforms: Sequence[str]) -> None:
@@ -474,4 +669,17 @@ if __name__ == "__main__":
   _AP = flags.DEFINE_enum("ap", "trapezoid", list(metrics.AP_RULES), "AP rule.")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generated images and random transforms.")
   _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+  _FEATURES_CACHE = flags.DEFINE_string(
+    "features_cache",
+    None,
+    "Path prefix of .npz files keeping the extracted features between runs (same flags only).",
+  )
+  _DEDUP = flags.DEFINE_bool(
+    "dedup", False, "Measure duplicate grouping (precision/recall of grouped pairs) instead."
+  )
+  _WRITE_CALIBRATION = flags.DEFINE_bool(
+    "write_calibration",
+    False,
+    "With --dedup: store each curve with its weights (engine.app.calibration) for engine.dedup.",
+  )
   app.run(main)

@@ -9,5 +9,5 @@ out="${DEMO_DIR:-out/demo}"
 [ -d "$out/photos" ] || python -m engine.sample --output="$out"
 python -m engine.index --images="$out/photos" --index="$out/index" --statistics=center "$@"
 python -m engine.query --index="$out/index" --query="$out/queries" --k=5 --html="$out/results.html"
-python -m engine.dedup --index="$out/index" --threshold=0.95 --html="$out/duplicates.html" | tail -n 1
+python -m engine.dedup --index="$out/index" --html="$out/duplicates.html" | tail -n 1
 echo "results page: $out/results.html"

@@ -154,10 +154,28 @@ def test_index_reindex_add_change_prune_query_dedup(tmp_path, photos):
   assert "corrupt.jpg" in text.err
 
   d = run("engine.dedup", f"--index={index}", "--threshold=0.999", "--format=json")
-  groups = json.loads(d.out)["groups"]
-  assert [sorted(m["key"] for m in g) for g in groups] == [
+  out = json.loads(d.out)
+  groups = out["groups"]
+  assert [sorted(m["key"] for m in g["members"]) for g in groups] == [
     sorted([str(photos / "p0.jpg"), str(photos / "copy_of_p0.jpg")])
   ]
+  assert out["rule"].startswith("every pair") and "expected precision" in out["expected_note"]
+  assert groups[0]["keeper"] == str(photos / "p0.jpg") and "oldest" in groups[0]["reason"]
+
+  # Moving the copy aside: a dry run, then --apply, then --undo restores it byte for byte.
+  copy_bytes = (photos / "copy_of_p0.jpg").read_bytes()
+  aside = tmp_path / "aside"
+  dry = run("engine.dedup", f"--index={index}", "--threshold=0.999", f"--move_to={aside}")
+  assert "would move" in dry.err and (photos / "copy_of_p0.jpg").exists()
+  moved = run(
+    "engine.dedup", f"--index={index}", "--threshold=0.999", f"--move_to={aside}", "--apply"
+  )
+  assert "moved 1 files" in moved.err and not (photos / "copy_of_p0.jpg").exists()
+  assert (aside / "copy_of_p0.jpg").read_bytes() == copy_bytes
+  journal = re.search(r"--undo=(\S+)", moved.err).group(1)
+  run("engine.dedup", f"--undo={journal}")
+  assert (photos / "copy_of_p0.jpg").read_bytes() == copy_bytes
+  assert not (aside / "copy_of_p0.jpg").exists()
 
 
 def test_html_escapes_file_names(tmp_path):
@@ -214,7 +232,10 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, photos):
     ("engine.query", ["--query", "--weights", "--batch_size", "--backend", "--precision"]),
     ("engine.extract", ["--output", "--descriptor", "--weights", "--batch_size", "--config"]),
     ("engine.export", ["--output", "--descriptor", "--weights", "--batch_size"]),
-    ("engine.dedup", ["--index", "--threshold", "--k"]),  # reads an index: no extractor flags
+    (
+      "engine.dedup",
+      ["--index", "--threshold", "--k", "--precision", "--tier", "--linkage"],
+    ),  # reads an index: no extractor flags
   ],
 )
 def test_help_lists_the_flags_a_user_needs(module, listed):
@@ -222,6 +243,7 @@ def test_help_lists_the_flags_a_user_needs(module, listed):
   for flag in listed:
     assert f"{flag}:" in out or f"{flag}=" in out, (module, flag, out)
   assert "--[no]normalize" in out or module not in ("engine.extract", "engine.export")
+  assert "every pair of images in a group" in out or module != "engine.dedup"
 
 
 _LAYER_CHILD = """

@@ -40,6 +40,7 @@ class Row:
 
 def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
   """A small JPEG of the image as a data: URI, or None when it cannot be decoded."""
+  images.register_optional_formats()
   try:
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
       return None

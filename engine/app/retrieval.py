@@ -8,6 +8,7 @@ import numpy as np
 
 from engine import store
 from engine.app import expansion
+from engine.app import grouping
 from engine.app.walk import split_images
 from engine.common.errors import UserError
 from engine.features.extractor import Extractor
@@ -101,39 +102,8 @@ def query_index(
 
 
 def find_duplicates(
-  idx: store.Index, threshold: float, *, k: int = 32, chunk: int = 1024
+  idx: store.Index, threshold: float, *, k: int = 32, linkage: str = "complete"
 ) -> list[list[tuple[str, float]]]:
-  """Groups of near-duplicates: connected components of the "cosine >= threshold" graph.
-
-  A self-join in chunks of `chunk` query rows against the whole index through the search kernel:
-  memory is bounded by chunk x k, never N x N. Each row links to at most its k nearest, which
-  bounds the graph's degree. Returns groups (largest first) of (key, best score to another member).
-  """
-  parent: dict[str, str] = {}
-
-  def find(x):
-    while parent.get(x, x) != x:
-      parent[x] = parent.get(parent[x], parent[x])
-      x = parent[x]
-    return x
-
-  best: dict[str, float] = {}
-  kk = min(k + 1, len(idx))
-  if kk < 2:
-    return []
-  for keys_q, vecs in idx.iter_chunks(chunk):
-    scores, keys = idx.search(vecs, k=kk)
-    for qkey, srow, krow in zip(keys_q, scores, keys, strict=True):
-      for other, s in zip(krow, srow, strict=True):
-        if other is None or other == qkey or not s >= threshold:
-          continue
-        best[qkey] = max(best.get(qkey, -1.0), float(s))
-        best[other] = max(best.get(other, -1.0), float(s))
-        a, b = find(qkey), find(other)
-        if a != b:
-          parent[max(a, b)] = min(a, b)
-  groups: dict[str, list[str]] = {}
-  for key in best:
-    groups.setdefault(find(key), []).append(key)
-  out = [sorted((m, best[m]) for m in members) for members in groups.values() if len(members) > 1]
-  return sorted(out, key=lambda g: (-len(g), g[0][0]))
+  """Groups of near-duplicates as (key, score) lists, largest first (`grouping.find_groups`)."""
+  groups = grouping.find_groups(idx, threshold, linkage=linkage, k=k)
+  return [list(zip(g.keys, g.scores, strict=True)) for g in groups]

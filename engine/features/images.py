@@ -7,6 +7,8 @@ person can read; callers log and skip, so one bad file never ends a run.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -30,7 +32,7 @@ _BLOCK_PIXELS = 1 << 20  # high-bit-depth conversion works on blocks of rows of 
 
 IMAGE_EXTENSIONS = frozenset(
   ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .ico .tga"
-  " .j2k .jp2 .heic .avif .svg".split()
+  " .j2k .jp2 .heic .heif .hif .avif .svg".split()
 )
 
 _EXIF_ORIENTATION = 0x0112
@@ -41,7 +43,23 @@ class ImageError(UserError):
   """A file that could not be turned into pixels; str() is the reason."""
 
 
+@functools.cache
+def register_optional_formats() -> tuple[str, ...]:
+  """Registers the decoders of optional extras with Pillow, once, on first decode (not on import).
+
+  HEIC/HEIF (phone photos) come from pillow-heif, the `heif` extra. Returns the formats added.
+  """
+  try:
+    import pillow_heif  # the optional extra; imported on first decode, not on import
+  except ImportError:
+    logging.getLogger(__name__).info("pillow-heif is not installed: HEIC/HEIF files are skipped")
+    return ()
+  pillow_heif.register_heif_opener()
+  return ("HEIF",)
+
+
 def _open(path: str | os.PathLike) -> Image.Image:
+  register_optional_formats()
   try:
     img = Image.open(path)
   except UnidentifiedImageError as e:
@@ -92,6 +110,7 @@ def probe(path: str | os.PathLike) -> str | None:
 
 def sniff(path: str | os.PathLike) -> bool:
   """True when the file's content is an image Pillow can decode (reads the header only)."""
+  register_optional_formats()
   try:
     with Image.open(path):
       return True
