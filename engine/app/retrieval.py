@@ -7,8 +7,7 @@ import dataclasses
 import numpy as np
 
 from engine import store
-from engine.app import expansion
-from engine.app import grouping
+from engine.app import expansion, grouping
 from engine.app.walk import split_images
 from engine.common.errors import UserError
 from engine.features.extractor import Extractor
