@@ -478,3 +478,66 @@ def test_loopback_names():
   assert service.is_loopback("localhost") and service.is_loopback("127.3.4.5")
   assert not service.is_loopback("0.0.0.0") and not service.is_loopback("192.168.1.2")
   assert not service.is_loopback("example.com")
+
+
+def test_batcher_collects_waiting_items_into_one_call():
+  gate, calls = threading.Event(), []
+
+  def double(items):
+    calls.append(list(items))
+    if len(calls) == 1:
+      gate.wait(60)
+    if -1 in items:
+      raise ValueError("bad item")
+    return [2 * x for x in items]
+
+  batcher = service.Batcher(double, max_batch=8, window_s=0.0)
+  try:
+    first = batcher.submit(0)
+    deadline = time.monotonic() + 60
+    while not calls and time.monotonic() < deadline:
+      time.sleep(0.01)
+    rest = [batcher.submit(i) for i in range(1, 11)]  # they wait while the first call runs
+    gate.set()
+    assert [f.result(60) for f in [first, *rest]] == [2 * i for i in range(11)]
+    assert [len(c) for c in calls] == [1, 8, 2]
+    bad = batcher.submit(-1)
+    with pytest.raises(ValueError, match="bad item"):
+      bad.result(60)
+    assert batcher.submit(5).result(60) == 10  # the thread outlives a failed batch
+    assert batcher.batches == 4 and batcher.items == 12
+  finally:
+    gate.set()
+    batcher.close()
+
+
+def test_live_index_follows_commits_and_keeps_the_last_good_state(tmp_path, tiny_weights):
+  from engine import store
+  from engine.features.extractor import Extractor
+
+  ex = Extractor(tiny_weights, "gem", image_size=64, config="tiny", batch_size=2)
+  rng = np.random.default_rng(0)
+  path = tmp_path / "idx"
+  writer = store.Index.create(path, dim=ex.dim, metadata=ex.index_metadata())
+  try:
+    writer.add(rng.standard_normal((3, ex.dim)), ["a", "b", "c"])
+    live = service.LiveIndex(str(path), ex)
+    with live.snapshot() as old:
+      assert len(old) == 3
+      writer.add(rng.standard_normal((2, ex.dim)), ["d", "e"])
+      with live.snapshot() as new:
+        assert len(new) == 5 and new.generation == old.generation + 1 and live.reloads == 1
+      assert len(old) == 3 and np.size(old.search(rng.standard_normal((1, ex.dim)), k=5)[1]) == 3
+    assert old._closed  # released by its last user, after the new state took over
+    writer.compact()
+    with live.snapshot() as idx:
+      assert sorted(idx.keys()) == ["a", "b", "c", "d", "e"]
+    # A manifest that does not load: the last good state goes on serving.
+    manifest = path / store.MANIFEST
+    good = manifest.read_bytes()
+    manifest.write_bytes(b"{not json")
+    with live.snapshot() as idx:
+      assert len(idx) == 5
+    manifest.write_bytes(good)
+  finally:
+    writer.close()
