@@ -299,7 +299,7 @@ class _Latency:
   def summary(self) -> dict:
     out = {"served": self.served}
     if self.recent:
-      ms = np.asarray(self.recent) * 1e3
+      ms = np.array(list(self.recent)) * 1e3
       out |= {
         "p50_ms": round(float(np.percentile(ms, 50)), 3),
         "p99_ms": round(float(np.percentile(ms, 99)), 3),
@@ -375,6 +375,7 @@ class Service:
       if len(idx):
         for b in self.batch_sizes():
           idx.search(rng.standard_normal((b, idx.dim)).astype(np.float32), k=self.config.max_k)
+        idx.search(rng.standard_normal((1, idx.dim)).astype(np.float32), k=self.config.max_k + 1)
     logging.info("compiled the service's shapes in %.1f s", time.monotonic() - t0)
 
   # -- the work
@@ -403,18 +404,13 @@ class Service:
         break
     return out
 
-  def search_pixels(self, pixels: np.ndarray, k: int, min_score: float | None = None) -> Answer:
-    """Blocking: one decoded query through the batcher (any thread but the batcher's)."""
-    scores, keys, rows, gen = self._batcher.submit(pixels).result()
-    return Answer(self._matches(scores, keys, k, min_score), rows, gen)
-
   def similar(self, key: str, k: int, min_score: float | None = None) -> Answer | None:
     """Neighbours of an indexed image (itself left out), or None when the key is not indexed."""
     with self.index.snapshot() as idx:
       if key not in idx.live_rows():
         return None
       vec = idx.get_vectors([key])
-      scores, keys = idx.search(vec, k=min(self.config.max_k + 1, len(idx)))
+      scores, keys = idx.search(vec, k=self.config.max_k + 1)  # the shape compiled at start-up
       rows, gen = len(idx), idx.generation
     return Answer(self._matches(scores[0], keys[0], k, min_score, exclude=key), rows, gen)
 
@@ -630,7 +626,7 @@ class Service:
     return _json(await run_in_threadpool(self.stats))
 
   async def _page(self, request: Request) -> Response:
-    if "token" in request.query_params:
+    if self.config.token is not None and "token" in request.query_params:
       # Checked by _Guard already: keep it in an HttpOnly cookie and drop it from the address.
       resp = RedirectResponse("/", status_code=303)
       resp.set_cookie(TOKEN_COOKIE, request.query_params["token"], httponly=True, samesite="strict")
