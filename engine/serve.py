@@ -64,6 +64,12 @@ def _token() -> str | None:
   return token
 
 
+def _host_header(host: str) -> str:
+  """`host` as a Host header names it (IPv6 literals in brackets)."""
+  host = host.strip("[]")
+  return f"[{host}]" if ":" in host else host
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -79,7 +85,7 @@ def main(argv):
       index_path=_INDEX.value,
       allow_root=os.path.expanduser(_ALLOW_ROOT.value) if _ALLOW_ROOT.value else None,
       token=token,
-      trusted_hosts=(*service.LOOPBACK_NAMES, _HOST.value.strip("[]")) if loopback else None,
+      trusted_hosts=(*service.LOOPBACK_NAMES, _host_header(_HOST.value)) if loopback else None,
       max_upload_bytes=int(_MAX_UPLOAD_MB.value * (1 << 20)),
       max_k=_MAX_K.value,
       batch_window_s=_BATCH_WINDOW_MS.value / 1e3,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
 import os
@@ -541,3 +542,28 @@ def test_live_index_follows_commits_and_keeps_the_last_good_state(tmp_path, tiny
     manifest.write_bytes(good)
   finally:
     writer.close()
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, collection):
+  index = collection[2]
+  cases = [
+    ([f"--index={tmp_path / 'nothing'}"], "no index"),
+    ([f"--index={index}", f"--allow_root={tmp_path / 'nowhere'}"], "is not a folder"),
+    ([f"--index={index}", "--token=a", f"--token_file={tmp_path / 't'}"], "not both"),
+    ([f"--index={index}", f"--token_file={tmp_path / 'missing'}"], "No such file"),
+  ]
+
+  def run(args):
+    return subprocess.run(
+      [sys.executable, "-m", "engine.serve", *args, "--backend=xla"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=_env(),
+      timeout=600,
+    )
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    for (args, expect), proc in zip(cases, pool.map(run, [a for a, _ in cases]), strict=True):
+      assert proc.returncode == 1 and expect in proc.stderr, (args, proc.stderr)
+      assert "Traceback" not in proc.stderr, proc.stderr

@@ -59,7 +59,7 @@ from engine.features.extractor import Extractor, IncompatibleExtractorError, che
 from engine.features.preprocess import bucket_shapes
 from engine.store import manifest as manifest_lib
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # as Host headers name them
 TOKEN_COOKIE = "vgg_retrieval_token"
 _LATENCY_WINDOW = 2048  # the latest requests the percentiles are taken over
 
