@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 
 from engine import cli, store
-from engine.app import extraction, indexing
+from engine.app import extraction, indexing, watch
 from engine.common import textio
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images (recursive) or one image file.")
@@ -50,6 +50,15 @@ _STATISTICS = flags.DEFINE_string(
 _RELEARN = flags.DEFINE_bool(
   "relearn_statistics", False, "Re-learn the collection statistics at the end of this run anyway."
 )
+_WATCH = flags.DEFINE_bool(
+  "watch",
+  False,
+  "Then keep indexing: watch --images and bring the index up to date (new, changed and vanished "
+  "files) whenever files change, until interrupted.",
+)
+_WATCH_POLL = flags.DEFINE_bool(
+  "watch_poll", False, "With --watch: poll the folder instead of file-system notifications."
+)
 _REPORT = flags.DEFINE_string(
   "report", None, "Failures file (path<TAB>reason); default INDEX/last_run_failures.tsv."
 )
@@ -65,6 +74,8 @@ def main(argv):
   sys.stdout.reconfigure(errors="backslashreplace")
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WATCH.value and _IMAGES.value is None:
+    raise app.UsageError("--watch needs --images")
   if _IMAGES.value is None and not _COMPACT.value:
     raise app.UsageError("--images is required (unless --compact alone is asked for)")
   with cli.user_errors():
@@ -102,6 +113,21 @@ def main(argv):
       raise cli.UserError(f"no images found under {_IMAGES.value}")
     if _COMPACT.value:
       _compact()
+    if _WATCH.value:
+      print(f"watching {_IMAGES.value} (Ctrl-C stops)", flush=True)
+      watch.watch_folder(
+        _IMAGES.value,
+        _INDEX.value,
+        extractor,
+        commit_every=_COMMIT_EVERY.value,
+        poll=_WATCH_POLL.value,
+        on_pass=_print_pass,
+      )
+
+
+def _print_pass(report: indexing.IndexReport) -> None:
+  if report.indexed or report.pruned:
+    print(report.summary(), flush=True)
 
 
 def _compact() -> None:

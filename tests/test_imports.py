@@ -25,7 +25,7 @@ _CHILD = textwrap.dedent(
   root_level = logging.getLogger().level
 
   import engine, engine.cli, engine.index, weights.convert, weights.fetch  # one binary: flags clash
-  from engine.app import extraction, indexing, report, retrieval, sample, walk
+  from engine.app import extraction, indexing, report, retrieval, sample, service, walk
   from engine.common import fileio
 
   assert not umask_calls, umask_calls

@@ -38,8 +38,8 @@ class Row:
   matches: list[tuple[str, float]]
 
 
-def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
-  """A small JPEG of the image as a data: URI, or None when it cannot be decoded."""
+def thumbnail_jpeg(path: str, side: int = THUMB_SIDE) -> bytes | None:
+  """A small JPEG of the image (longer side at most `side`), or None when it cannot be decoded."""
   images.register_optional_formats()
   try:
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
@@ -55,7 +55,15 @@ def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
       img.save(buf, "JPEG", quality=80)
   except Exception:  # noqa: BLE001 - a thumbnail is optional: any failure shows a placeholder
     return None
-  return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+  return buf.getvalue()
+
+
+def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
+  """`thumbnail_jpeg` as a data: URI, or None when the image cannot be decoded."""
+  jpeg = thumbnail_jpeg(path, side)
+  if jpeg is None:
+    return None
+  return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 def _figure(path: str, caption: str, cls: str = "") -> str:
