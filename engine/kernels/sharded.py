@@ -4,6 +4,7 @@ then an all-gather of the [Q, k] lists and one merge."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -35,7 +36,8 @@ def sharded_topk(
 
   Args:
     queries: [Q, D] float.
-    matrix: [N, D], N divisible by the number of devices along `axis` (pad with `valid=False` rows).
+    matrix: [N, D], any N (padded here with masked rows to a multiple of the devices along `axis`;
+      an N that divides avoids the copy).
     k: results per query.
     mesh: e.g. `jax.make_mesh((8,), ("rows",))`.
     axis: the mesh axis (or axes) the rows are split over.
@@ -44,6 +46,17 @@ def sharded_topk(
   Returns:
     scores [Q, k] float32 and global ids [Q, k] int32, replicated on every device.
   """
+  names = (axis,) if isinstance(axis, str) else tuple(axis)
+  parts = math.prod(mesh.shape[a] for a in names)
+  n = matrix.shape[0]
+  pad = -n % parts
+  if pad:
+    # Any row count: zero rows, masked out, so the split is even and padding is never returned.
+    matrix = jnp.concatenate([jnp.asarray(matrix), jnp.zeros((pad, matrix.shape[1]), matrix.dtype)])
+    if scales is not None:
+      scales = jnp.concatenate([jnp.asarray(scales, jnp.float32), jnp.zeros(pad, jnp.float32)])
+    base = jnp.ones(n, bool) if valid is None else jnp.asarray(valid, bool)
+    valid = jnp.concatenate([base, jnp.zeros(pad, bool)])
   row_spec = P(axis, None)
   vec_spec = P(axis)
   args = [jnp.asarray(queries, jnp.float32), matrix]

@@ -408,8 +408,19 @@ class Index(Commits):
     *,
     chunk_rows: int | None = None,
     method: str | None = None,
+    devices: Sequence[Any] | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest live vectors of each query: `engine.store.search.search` on this index."""
+    """The k nearest live vectors of each query: `engine.store.search.search` on this index.
+
+    With `devices` (JAX devices), the rows are split over them for this one search
+    (`engine.store.sharded.ShardedSearcher`; keep one of those to search many times).
+    """
+    if devices is not None:
+      from engine.store import sharded  # JAX loads with the first search, not here
+
+      return sharded.ShardedSearcher(self, devices, method=method).search(
+        queries, k, metric, allowed_keys, rerank
+      )
     from engine.store import search as search_lib  # JAX loads with the first search, not here
 
     return search_lib.search(

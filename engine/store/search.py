@@ -32,6 +32,7 @@ def search(
   *,
   chunk_rows: int | None = None,
   method: str | None = None,
+  scan=None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """The k nearest live vectors of each query in `index` (an open `engine.store.Index`).
 
@@ -47,6 +48,10 @@ def search(
     chunk_rows: rows per kernel call (fixed shape: compiled once per query bucket); default
       `engine.kernels.streaming.chunk_rows_for(Q, dtype=...)`.
     method: kernel method override, see `engine.kernels.topk.topk`.
+    scan: the step that finds the candidates, `scan(segments, valid, queries, kk, metric)` ->
+      ([Q, kk] float32 kernel scores, [Q, kk] int64 global rows, -1 for none); default: every
+      segment streamed through one device (`engine.store.sharded` has a mesh and a multi-process
+      one).
 
   Returns:
     scores: [Q, m] float32 and keys: [Q, m] object array of str, best first, where
@@ -97,7 +102,10 @@ def search(
   grows = np.empty((nq, kk), np.int64)
   for start in range(0, nq, _QUERY_BATCH):
     qb = q[start : start + _QUERY_BATCH]
-    s, g = _scan(segs, valid, qb, kk, metric, chunk_rows, method)
+    if scan is None:
+      s, g = _scan(segs, valid, qb, kk, metric, chunk_rows, method)
+    else:
+      s, g = scan(segs, valid, qb, kk, metric)
     scores[start : start + len(qb)] = s
     grows[start : start + len(qb)] = g
   if use_rerank or index.dtype != "float32":
