@@ -27,10 +27,12 @@ def query_index(
   *,
   k: int = 10,
   min_score: float | None = None,
+  scan=None,
 ) -> QueryResults:
   """Extracts the query image(s) and searches the index with them.
 
-  Returns at most k matches per query: all the index holds when it holds fewer.
+  Returns at most k matches per query: all the index holds when it holds fewer. `scan`: as in
+  `engine.store.Index.search` (a multi-process run's `engine.store.sharded.ProcessScan`).
 
   Raises:
     UserError: empty index, or no query image could be decoded.
@@ -46,7 +48,7 @@ def query_index(
     if not len(extracted.positions):
       reasons = "; ".join(f"{p}: {r}" for p, r in failed[:3])
       raise UserError(f"no query image could be decoded ({reasons})")
-    scores, keys = idx.search(extracted.features, k=k)
+    scores, keys = idx.search(extracted.features, k=k, scan=scan)
   matches = []
   for row, pos in enumerate(extracted.positions):
     pairs = [
@@ -59,13 +61,13 @@ def query_index(
 
 
 def find_duplicates(
-  idx: store.Index, threshold: float, *, k: int = 32, chunk: int = 1024
+  idx: store.Index, threshold: float, *, k: int = 32, chunk: int = 1024, scan=None
 ) -> list[list[tuple[str, float]]]:
   """Groups of near-duplicates: connected components of the "cosine >= threshold" graph.
 
   A self-join in chunks of `chunk` query rows against the whole index through the search kernel:
   memory is bounded by chunk x k, never N x N. Each row links to at most its k nearest, which
-  bounds the graph's degree. Returns groups (largest first) of (key, best score to another member).
+  bounds the graph's degree (`scan`: as in `engine.store.Index.search`). Returns groups (largest first) of (key, best score to another member).
   """
   parent: dict[str, str] = {}
 
@@ -80,7 +82,7 @@ def find_duplicates(
   if kk < 2:
     return []
   for keys_q, vecs in idx.iter_chunks(chunk):
-    scores, keys = idx.search(vecs, k=kk)
+    scores, keys = idx.search(vecs, k=kk, scan=scan)
     for qkey, srow, krow in zip(keys_q, scores, keys, strict=True):
       for other, s in zip(krow, srow, strict=True):
         if other is None or other == qkey or not s >= threshold:

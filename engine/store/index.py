@@ -409,11 +409,14 @@ class Index(Commits):
     chunk_rows: int | None = None,
     method: str | None = None,
     devices: Sequence[Any] | None = None,
+    scan: Any = None,
   ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest live vectors of each query: `engine.store.search.search` on this index.
 
     With `devices` (JAX devices), the rows are split over them for this one search
-    (`engine.store.sharded.ShardedSearcher`; keep one of those to search many times).
+    (`engine.store.sharded.ShardedSearcher`; keep one of those to search many times). `scan`
+    replaces the step that finds the candidates (`engine.store.search.search`), e.g. an
+    `engine.store.sharded.ProcessScan` in a multi-process run.
     """
     if devices is not None:
       from engine.store import sharded  # JAX loads with the first search, not here
@@ -432,6 +435,7 @@ class Index(Commits):
       rerank,
       chunk_rows=chunk_rows,
       method=method,
+      scan=scan,
     )
 
   # ---------------------------------------------------------------- lifecycle

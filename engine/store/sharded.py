@@ -177,3 +177,68 @@ class ShardedSearcher:
     results, up to float32 rounding and the order of exact ties)."""
     self.refresh()
     return search_lib.search(self.index, queries, k, metric, allowed_keys, rerank, scan=self.scan)
+
+
+class ProcessScan:
+  """`search`'s scan step for one process of a `jax.distributed` run (`engine.app.distributed`).
+
+  Process p of P scans only global rows [p N / P, (p + 1) N / P) of the index (a deterministic
+  split by row range, across segment boundaries), streamed through its own device as on one
+  process; the [Q, kk] lists of every process are all-gathered and merged, so every process gets
+  the candidates one process would have found. Re-scoring and key lookup then read only those
+  candidates' rows.
+  """
+
+  def __init__(
+    self,
+    process_id: int,
+    num_processes: int,
+    *,
+    allgather=None,
+    chunk_rows: int | None = None,
+    method: str | None = None,
+  ):
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
+    self.process_id, self.num_processes = process_id, num_processes
+    self._allgather = allgather or _process_allgather
+    self.chunk_rows, self.method = chunk_rows, method
+
+  def share(self, n: int) -> tuple[int, int]:
+    """This process's global rows [start, stop) of an index of n rows."""
+    p, np_ = self.process_id, self.num_processes
+    return p * n // np_, (p + 1) * n // np_
+
+  def __call__(self, segs, valid, q: np.ndarray, kk: int, metric: str):
+    nq = q.shape[0]
+    qpad = 1 << max(0, (nq - 1).bit_length()) if nq <= 8 else -(-nq // 8) * 8
+    qj = jax.device_put(np.concatenate([q, np.zeros((qpad - nq, q.shape[1]), np.float32)]))
+    best = topk_lib.empty_topk(qpad, kk)
+    lo, hi = self.share(sum(s.rows for s in segs))
+    for seg, v in zip(segs, valid, strict=True):
+      a, b = max(lo, seg.base) - seg.base, min(hi, seg.base + seg.rows) - seg.base
+      if a >= b:
+        continue
+      best = streaming.chunked_topk(
+        qj,
+        seg.vectors[a:b],
+        kk,
+        metric=metric,
+        scales=None if seg.scales is None else seg.scales[a:b],
+        valid=v[a:b],
+        chunk_rows=self.chunk_rows,
+        method=self.method,
+        offset=seg.base + a,
+        best=best,
+      )
+    s, i = jax.device_get(best)
+    s, i = np.asarray(s[:nq], np.float32), np.asarray(i[:nq], np.int32)
+    all_s = self._allgather(s).reshape(self.num_processes, nq, kk)
+    all_i = self._allgather(i).reshape(self.num_processes, nq, kk)
+    return merge_host(list(zip(all_s, all_i, strict=True)), kk)
+
+
+def _process_allgather(x: np.ndarray) -> np.ndarray:
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x))
