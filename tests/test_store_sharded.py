@@ -99,3 +99,21 @@ def test_index_search_on_cpu_devices(ndev):
   )
   assert r.returncode == 0, r.stdout + r.stderr
   assert "OK" in r.stdout
+
+
+def test_one_device_mesh(tmp_path):
+  import jax
+  import numpy as np
+
+  from engine.store import Index
+  from engine.store.sharded import ShardedSearcher
+
+  rng = np.random.default_rng(3)
+  with Index.create(str(tmp_path / "ix"), dim=24, dtype="int8") as idx:
+    idx.add(rng.standard_normal((301, 24)).astype(np.float32), [f"k{i}" for i in range(301)])
+    q = rng.standard_normal((4, 24)).astype(np.float32)
+    want = idx.search(q, k=7)
+    for budget in (None, 4096):  # resident, and streamed in 128-row chunks
+      s, k = ShardedSearcher(idx, jax.devices()[:1], budget=budget).search(q, k=7)
+      np.testing.assert_allclose(s, want[0], atol=1e-6)
+      assert (k == want[1]).all()

@@ -112,12 +112,12 @@ class ShardedSearcher:
     vec_sh = NamedSharding(self.mesh, P(AXIS))
 
     def vectors(ix):
-      sl = ix[0]
-      return read_rows(segs, start + sl.start, start + sl.stop, d, self._dtype)
+      a, b, _ = ix[0].indices(rows)  # slice(None) on a one-device mesh
+      return read_rows(segs, start + a, start + b, d, self._dtype)
 
     def scales(ix):
-      sl = ix[0]
-      return read_rows(segs, start + sl.start, start + sl.stop, d, np.float32, "scales")
+      a, b, _ = ix[0].indices(rows)
+      return read_rows(segs, start + a, start + b, d, np.float32, "scales")
 
     m = jax.make_array_from_callback((rows, d), row_sh, vectors)
     sc = jax.make_array_from_callback((rows,), vec_sh, scales) if self._int8 else None
