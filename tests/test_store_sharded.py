@@ -62,8 +62,11 @@ _SCRIPT = textwrap.dedent(
       # 8 KiB per device: the rows are streamed in chunks of the budget.
       streamed = ShardedSearcher(idx, jax.devices(), budget=8 << 10)
       assert not streamed.resident
+      # Resident, each device's rows scanned in 128-row blocks with a running top-k.
+      blocked = ShardedSearcher(idx, jax.devices(), block_rows=128)
+      assert blocked.resident and blocked._shard > 128
       for (metric, filt), ref in want.items():
-        for searcher in (resident, streamed):
+        for searcher in (resident, streamed, blocked):
           got = searcher.search(queries, k=12, metric=metric, allowed_keys=filt)
           same(got, ref, 1e-5)
           assert set(got[1].ravel()) <= set(allowed if filt else idx.keys())

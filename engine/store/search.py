@@ -19,7 +19,7 @@ from engine.store.segments import normalize_rows
 
 # Compressed storage: the kernel returns this many times k candidates for exact re-scoring.
 CANDIDATE_FACTOR = 2
-_QUERY_BATCH = 256
+QUERY_BATCH = 256
 
 
 def search(
@@ -100,8 +100,8 @@ def search(
     kk = m
   scores = np.empty((nq, kk), np.float32)
   grows = np.empty((nq, kk), np.int64)
-  for start in range(0, nq, _QUERY_BATCH):
-    qb = q[start : start + _QUERY_BATCH]
+  for start in range(0, nq, QUERY_BATCH):
+    qb = q[start : start + QUERY_BATCH]
     if scan is None:
       s, g = _scan(segs, valid, qb, kk, metric, chunk_rows, method)
     else:

@@ -59,6 +59,8 @@ class ShardedSearcher:
   smallest over the devices, or `budget`), the rows stay on the devices between searches;
   otherwise each search streams them in chunks of at most that many bytes per device. Each device
   keeps its own top-k and the lists are all-gathered and merged (`kernels.sharded.sharded_topk`).
+  Resident rows are scanned in blocks of `block_rows` (default: what the budget allows at the
+  largest query batch), so the [Q, rows] scores never cover a whole device's share.
 
       searcher = ShardedSearcher(index, jax.devices())
       scores, keys = searcher.search(queries, k=10)
@@ -71,8 +73,10 @@ class ShardedSearcher:
     *,
     budget: int | None = None,
     method: str | None = None,
+    block_rows: int | None = None,
   ):
     self.index = index
+    self._block_rows = block_rows
     self.devices = list(devices) if devices is not None else jax.local_devices()
     if not self.devices:
       raise ValueError("ShardedSearcher needs at least one device")
@@ -97,9 +101,17 @@ class ShardedSearcher:
     self._dtype = np.dtype(self._segs[0].vectors.dtype) if self._segs else np.dtype(np.float32)
     self._int8 = self._dtype == np.int8
     nd = len(self.devices)
-    # Per device: a multiple of the selection's row blocks, so each shard takes the fast path.
-    block = topk_lib._BLOCK
-    self._shard = max(block, -(-self._n // (nd * block)) * block)
+    # Resident rows are scanned in blocks whose scores fit the budget at the largest query batch;
+    # each device's share is a whole number of blocks (padding masked).
+    self._block = self._block_rows or streaming.chunk_rows_for(
+      search_lib.QUERY_BATCH, None, self._dtype, self.method, d=idx.dim, budget=self.budget
+    )
+    per_device = -(-self._n // nd)
+    if per_device <= self._block:
+      block = topk_lib._BLOCK  # one block: a multiple of the selection's row blocks
+      self._shard = max(block, -(-per_device // block) * block)
+    else:
+      self._shard = -(-per_device // self._block) * self._block
     per_row = idx.dim * self._dtype.itemsize + (4 if self._int8 else 0) + 1
     self._rows = self._scales = None
     if self._shard * per_row <= self.budget:
@@ -139,7 +151,13 @@ class ShardedSearcher:
     qj = np.concatenate([q, np.zeros((qpad - nq, q.shape[1]), np.float32)])
     nd = len(self.devices)
     call = functools.partial(
-      sharded_lib.sharded_topk, k=kk, mesh=self.mesh, axis=AXIS, metric=metric, method=self.method
+      sharded_lib.sharded_topk,
+      k=kk,
+      mesh=self.mesh,
+      axis=AXIS,
+      metric=metric,
+      method=self.method,
+      block_rows=self._block,
     )
     if self.resident:
       s, i = call(
