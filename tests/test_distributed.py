@@ -206,3 +206,64 @@ def test_process_scan_split_and_merge(tmp_path, dtype):
         for s, k in got:
           np.testing.assert_allclose(s, want[0], atol=1e-5)
           assert (k == want[1]).mean() > 0.98
+
+
+TINY = ["--weights=random:5", "--config=tiny", "--image_size=64", "--batch_size=4", "--backend=xla"]
+
+
+def test_query_on_two_processes_equals_one_process(tmp_path):
+  from engine.app import sample
+
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for i in range(9):
+    sample.scene(np.random.default_rng(300 + i), 96, 80).save(photos / f"p{i}.jpg")
+  index = str(tmp_path / "idx")
+  env = {**_env(), "VGG_RETRIEVAL_CACHE": str(tmp_path / "cache")}
+
+  def query(*extra):
+    return [
+      sys.executable,
+      "-m",
+      "engine.query",
+      f"--index={index}",
+      f"--query={photos}",
+      "--k=4",
+      "--format=json",
+      *TINY,
+      *extra,
+    ]
+
+  subprocess.run(
+    [sys.executable, "-m", "engine.index", f"--images={photos}", f"--index={index}", *TINY],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
+  one = subprocess.run(query(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      query(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={p}"),
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for p in range(2)
+  ]
+  outs = [p.communicate(timeout=900) + (p.returncode,) for p in procs]
+  for _out, err, rc in outs:
+    assert rc == 0, err
+  assert outs[1][0] == ""
+  a, b = json.loads(outs[0][0])["results"], json.loads(one.stdout)["results"]
+  assert [r["query"] for r in a] == [r["query"] for r in b] and len(a) == 9
+  for ra, rb in zip(a, b, strict=True):
+    assert [m["key"] for m in ra["matches"]] == [m["key"] for m in rb["matches"]]
+    np.testing.assert_allclose(
+      [m["score"] for m in ra["matches"]], [m["score"] for m in rb["matches"]], atol=1e-6
+    )
