@@ -15,13 +15,27 @@ the data serves the whole batch) and matrix unit = 2 N D Q FLOPs / the measured 
 product (float32 ~300 GFLOP/s; bfloat16 ~1.2 TFLOP/s in JAX with AMX: see
 /work/shared/PERFORMANCE.md; int8 with the native kernel: its VNNI ceiling, measured at start). The plot (matplotlib, optional) draws both next to the measurements.
 Prints a table last; writes JSON with --output.
+
+  python -m bench.scaling --scale_out [--devices=1,2,4,8] [--processes=1,2,4] [--scale_n=1000000]
+
+instead times search over a mesh of simulated CPU devices (`--xla_force_host_platform_device_count`,
+`engine.store.sharded.ShardedSearcher`, rows resident) and over processes of a localhost
+`jax.distributed` run (`ProcessScan`), each in fresh child processes, against one plain process
+measured in the same run. Simulated devices and processes share this machine's cores, so the
+ratio is the cost of splitting, merging and communicating, not a speed-up; the all-gather of the
+[Q, k] lists and the host merge are also timed alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -122,9 +136,208 @@ def plot(rows: list[dict], path: str, meta: dict) -> str | None:
   return path
 
 
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+def _median_s(fn, repeats: int) -> float:
+  fn()  # warm-up (compiles)
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t)
+  return statistics.median(ts)
+
+
+def _child_devices(path: str, q: int, k: int, repeats: int) -> dict:
+  """In a child whose JAX has --devices CPU devices: plain search and the mesh search."""
+  import jax
+
+  from engine.kernels import sharded as kernels_sharded
+  from engine.store import Index
+  from engine.store.sharded import ShardedSearcher, merge_host
+
+  queries = random_unit(np.random.default_rng(7), q, _D.value)
+  with Index.open(path, readonly=True) as idx:
+    searcher = ShardedSearcher(idx, jax.devices())
+    mesh_s = _median_s(lambda: searcher.search(queries, k=k), repeats)
+    one_s = _median_s(lambda: idx.search(queries, k=k), repeats)
+  nd = jax.device_count()
+  # The merge alone: the all-gather of nd [Q, kk] lists on the mesh, plus a host merge of them.
+  kk = 2 * k
+  parts = [(np.random.rand(q, kk).astype(np.float32), np.arange(q * kk).reshape(q, kk))] * nd
+  host_merge_s = _median_s(lambda: merge_host(parts, kk), repeats)
+  small = random_unit(np.random.default_rng(8), 128 * nd, _D.value)
+  gather_s = _median_s(
+    lambda: jax.block_until_ready(
+      kernels_sharded.sharded_topk(queries, small, kk, mesh=searcher.mesh)
+    ),
+    repeats,
+  )
+  return {
+    "devices": nd,
+    "resident": searcher.resident,
+    "mesh_s": mesh_s,
+    "one_device_s": one_s,
+    "small_sharded_topk_s": gather_s,
+    "host_merge_s": host_merge_s,
+  }
+
+
+def _child_process(path: str, q: int, k: int, repeats: int, port: int, nproc: int, pid: int):
+  """One process of a localhost jax.distributed run: search with its share, and the all-gather."""
+  from engine.app import distributed
+  from engine.store import Index
+  from engine.store.sharded import ProcessScan, _process_allgather
+
+  cluster = distributed.initialize(f"127.0.0.1:{port}", nproc, pid, timeout_s=120)
+  distributed.agree(cluster, {"index": path})
+  queries = random_unit(np.random.default_rng(7), q, _D.value)
+  scan = ProcessScan(cluster.process_id, cluster.num_processes)
+  with Index.open(path, readonly=True) as idx:
+    sec = _median_s(lambda: idx.search(queries, k=k, scan=scan), repeats)
+  kk = 2 * k
+  x = np.random.rand(q, kk).astype(np.float32)
+  gather_s = _median_s(lambda: _process_allgather(x), repeats)
+  return {"processes": nproc, "search_s": sec, "allgather_s": gather_s}
+
+
+def _spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env.update(env_extra or {})
+  return subprocess.Popen(
+    [sys.executable, "-m", "bench.scaling", *args],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def _result(proc: subprocess.Popen) -> dict:
+  out, err = proc.communicate(timeout=1800)
+  if proc.returncode != 0:
+    raise RuntimeError(f"child failed ({proc.returncode}):\n{err[-3000:]}")
+  line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT ") :])
+
+
+def scale_out() -> None:
+  """The devices / processes sweep of --scale_out (children: fresh JAX runtimes)."""
+  d, n, q, k, reps = _D.value, _SCALE_N.value, _SCALE_Q.value, _K.value, _REPEATS.value
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="scaling-")
+  os.makedirs(workdir, exist_ok=True)
+  common = [f"--d={d}", f"--k={k}", f"--repeats={reps}", f"--scale_q={q}"]
+  rows = []
+  try:
+    for dtype in _DTYPES.value:
+      path = os.path.join(workdir, f"scale-{dtype}-{n}")
+      build(path, n, d, dtype).close()
+      try:
+        for nd in sorted({int(v) for v in _DEVICES.value}):
+          flags_env = {
+            "XLA_FLAGS": (
+              os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={nd}"
+            ).strip()
+          }
+          r = _result(_spawn([*common, "--child=devices", f"--child_index={path}"], flags_env))
+          rows.append({"dtype": dtype, "kind": "devices", "n": n, **r})
+          print(
+            f"{dtype:8s} devices={nd}: mesh {r['mesh_s'] * 1e3:8.2f} ms, one device "
+            f"{r['one_device_s'] * 1e3:8.2f} ms (x{r['mesh_s'] / r['one_device_s']:.2f}); "
+            f"sharded_topk of {128 * nd} rows {r['small_sharded_topk_s'] * 1e3:.2f} ms",
+            flush=True,
+          )
+        for nproc in sorted({int(v) for v in _PROCESSES.value}):
+          if nproc == 1:
+            continue
+          with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+          procs = [
+            _spawn(
+              [
+                *common,
+                "--child=process",
+                f"--child_index={path}",
+                f"--child_port={port}",
+                f"--child_nproc={nproc}",
+                f"--child_pid={p}",
+              ]
+            )
+            for p in range(nproc)
+          ]
+          rs = [_result(p) for p in procs]
+          r = rs[0]
+          base = next(x for x in rows if x["kind"] == "devices" and x["dtype"] == dtype)
+          r["one_process_s"] = base["one_device_s"]
+          rows.append({"dtype": dtype, "kind": "processes", "n": n, **r})
+          print(
+            f"{dtype:8s} processes={nproc}: {r['search_s'] * 1e3:8.2f} ms "
+            f"(x{r['search_s'] / r['one_process_s']:.2f} of one process), all-gather "
+            f"{r['allgather_s'] * 1e3:.2f} ms",
+            flush=True,
+          )
+      finally:
+        shutil.rmtree(path, ignore_errors=True)
+  finally:
+    if not _WORKDIR.value:
+      shutil.rmtree(workdir, ignore_errors=True)
+  print(
+    f"\nscale-out on {_cpu_model()} ({len(os.sched_getaffinity(0))} cores shared by all "
+    f"devices/processes), N = {n:,}, D = {d}, Q = {q}, k = {k}, median of {reps}; "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
+  print(
+    f"{'dtype':8s} {'split':>12s} {'ms/batch':>9s} {'1 part ms':>9s} {'ratio':>6s} {'merge ms':>9s}"
+  )
+  for r in rows:
+    if r["kind"] == "devices":
+      t, one, merge = r["mesh_s"], r["one_device_s"], r["small_sharded_topk_s"]
+      split = f"{r['devices']} devices"
+    else:
+      t, one, merge = r["search_s"], r["one_process_s"], r["allgather_s"]
+      split = f"{r['processes']} processes"
+    print(
+      f"{r['dtype']:8s} {split:>12s} {t * 1e3:9.2f} {one * 1e3:9.2f} {t / one:6.2f} "
+      f"{merge * 1e3:9.2f}"
+    )
+  if _OUTPUT.value:
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_model(), "n": n, "d": d, "q": q}
+    atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CHILD.value == "devices":
+    r = _child_devices(_CHILD_INDEX.value, _SCALE_Q.value, _K.value, _REPEATS.value)
+    print("RESULT " + json.dumps(r), flush=True)
+    return
+  if _CHILD.value == "process":
+    r = _child_process(
+      _CHILD_INDEX.value,
+      _SCALE_Q.value,
+      _K.value,
+      _REPEATS.value,
+      _CHILD_PORT.value,
+      _CHILD_NPROC.value,
+      _CHILD_PID.value,
+    )
+    print("RESULT " + json.dumps(r), flush=True)
+    return
+  if _SCALE_OUT.value:
+    scale_out()
+    return
   small = _SMALL.value
   d = 64 if small else _D.value
   ns = [1000, 10000] if small else sorted({int(float(v)) for v in _NS.value})
@@ -252,4 +465,14 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where the index files go (default: a tmp dir).")
   _SMALL = flags.DEFINE_bool("small", False, "Quick check: D = 64, N up to 1e4, Q in {1, 16}.")
   _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+  _SCALE_OUT = flags.DEFINE_bool("scale_out", False, "Time search over devices and processes.")
+  _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Simulated CPU device counts.")
+  _PROCESSES = flags.DEFINE_list("processes", ["1", "2", "4"], "Localhost process counts.")
+  _SCALE_N = flags.DEFINE_integer("scale_n", 1_000_000, "Index rows of --scale_out.")
+  _SCALE_Q = flags.DEFINE_integer("scale_q", 64, "Queries per batch of --scale_out.")
+  _CHILD = flags.DEFINE_enum("child", None, ["devices", "process"], "Internal: a child's role.")
+  _CHILD_INDEX = flags.DEFINE_string("child_index", None, "Internal: the child's index.")
+  _CHILD_PORT = flags.DEFINE_integer("child_port", None, "Internal: coordinator port.")
+  _CHILD_NPROC = flags.DEFINE_integer("child_nproc", None, "Internal: processes.")
+  _CHILD_PID = flags.DEFINE_integer("child_pid", None, "Internal: process id.")
   app.run(main)

@@ -13,7 +13,8 @@ import sys
 
 from absl import app, flags, logging
 
-from engine.app import extraction
+from engine import store
+from engine.app import distributed, extraction
 from engine.common import fileio
 from engine.common.errors import UserError
 from engine.features import backends
@@ -182,3 +183,46 @@ def user_errors():
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
+
+
+def define_distributed_flags() -> None:
+  """--coordinator_address, --num_processes, --process_id: one `jax.distributed` run of several
+  processes (hosts) over one index. Unset: one process, unless a cluster environment that JAX
+  detects is used by giving any of them."""
+  flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0 of a multi-process run (jax.distributed); process 0 listens there.",
+  )
+  flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.", lower_bound=1)
+  flags.DEFINE_integer("process_id", None, "This process's number in [0, --num_processes).")
+  flags.DEFINE_integer(
+    "distributed_timeout",
+    60,
+    "Seconds a process waits for the coordinator and the other processes.",
+    lower_bound=1,
+  )
+
+
+def join_cluster(index: str | None = None) -> distributed.Cluster:
+  """Joins the run the distributed flags describe, then checks that every process was given the
+  same flags (all but --process_id) and, with `index`, the same index folder and manifest."""
+  f = flags.FLAGS
+  cluster = distributed.initialize(
+    f.coordinator_address, f.num_processes, f.process_id, timeout_s=f.distributed_timeout
+  )
+  if cluster.distributed:
+    main = sys.modules["__main__"]
+    values = {
+      f"--{fl.name}": repr(fl.value)
+      for fl in f.get_key_flags_for_module(main)
+      if fl.name not in ("process_id",)
+    }
+    if index is not None:
+      values["index folder"] = os.path.abspath(index)
+      mpath = os.path.join(index, store.MANIFEST)
+      values["index manifest sha256"] = (
+        fileio.sha256_file(mpath) if os.path.exists(mpath) else "(none)"
+      )
+    distributed.agree(cluster, values)
+  return cluster

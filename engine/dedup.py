@@ -4,6 +4,7 @@ the others aside (never deleting anything).
   python -m engine.dedup --index=DIR [--tier=exact|near|similar | --precision=P | --threshold=T]
       [--linkage=complete|representative|single] [--format=text|csv|json|html] [--html=FILE]
       [--move_to=DIR [--apply]]
+      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
   python -m engine.dedup --undo=JOURNAL
 
 Grouping rule (--linkage): "complete" (the default): every pair of images in a group scores at
@@ -34,6 +35,7 @@ from absl import app, flags
 from engine import cli, store
 from engine.app import calibration, dedup, grouping, moves, report
 from engine.common import textio
+from engine.store import sharded
 
 _INDEX = flags.DEFINE_string("index", None, "Index folder built by engine.index.")
 _THRESHOLD = flags.DEFINE_float(
@@ -68,6 +70,8 @@ _MOVE_TO = flags.DEFINE_string(
 )
 _APPLY = flags.DEFINE_bool("apply", False, "Really move the files (with --move_to).")
 _UNDO = flags.DEFINE_string("undo", None, "Move back every file a journal of --move_to moved.")
+cli.define_distributed_flags()
+flags.adopt_module_key_flags(cli)
 
 
 def _say(line: str) -> None:
@@ -96,7 +100,13 @@ def main(argv):
     cli.check_output_file(_HTML.value)
     if not store.exists(_INDEX.value):
       raise cli.UserError(f"no index at {_INDEX.value}")
-    if _MOVE_TO.value:
+    cluster = cli.join_cluster(_INDEX.value)
+    scan = (
+      sharded.ProcessScan(cluster.process_id, cluster.num_processes)
+      if cluster.distributed
+      else None
+    )
+    if _MOVE_TO.value and cluster.process_id == 0:
       for line in moves.recover_all(_MOVE_TO.value):
         _say(textio.escape(line))
     with store.Index.open(_INDEX.value, readonly=True) as idx:
@@ -107,9 +117,11 @@ def main(argv):
         tier=_TIER.value,
         linkage=_LINKAGE.value,
       )
-      if selection.expected is None and _FORMAT.value != "json":
+      if selection.expected is None and _FORMAT.value != "json" and cluster.process_id == 0:
         _say(f"note: {selection.describe()}")
-      result = dedup.find(idx, selection, linkage=_LINKAGE.value, k=_K.value)
+      result = dedup.find(idx, selection, linkage=_LINKAGE.value, k=_K.value, scan=scan)
+      if cluster.process_id != 0:
+        return  # every process holds the merged answer; process 0 prints and moves
       sys.stdout.write(dedup.render(result, _FORMAT.value))
       if _HTML.value:
         report.write(

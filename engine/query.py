@@ -2,11 +2,14 @@ r"""Finds the indexed images most similar to query images.
 
   python -m engine.query --index=DIR --query=FILE_OR_DIR [--k=10] [--format=text|json]
       [--html=FILE] [--min_score=X] [--raw_scores] [--qe=N --qe_alpha=A] [--dba=N --shortlist=M]
+      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
 
 Queries are described by the extractor the index was built with (recorded in its manifest), so
 their features are always comparable with the index's. Prints the ranked paths and scores (cosine
 similarity, 1 = identical direction; on an index with collection statistics, the cosine after
 centering or whitening, said in the output); --html writes a self-contained page with thumbnails.
+With the distributed flags, N processes (hosts) started alike each scan 1/N of the index's rows
+and process 0 prints the merged answer.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from absl import app, flags
 from engine import cli
 from engine.app import extraction, report, retrieval
 from engine.common import textio
+from engine.store import sharded
 
 _INDEX = flags.DEFINE_string("index", None, "Index folder built by engine.index.")
 _QUERY = flags.DEFINE_string("query", None, "Query image, or a folder of query images.")
@@ -51,6 +55,7 @@ _SHORTLIST = flags.DEFINE_integer(
   "shortlist", 100, "Matches --dba re-ranks (at least --k).", lower_bound=1
 )
 cli.define_extractor_flags()
+cli.define_distributed_flags()
 flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["index", "query"])
 
@@ -65,7 +70,13 @@ def main(argv):
     cli.check_output_file(_HTML.value)
     if _K.value <= 0:
       raise cli.UserError(f"--k must be positive, got {_K.value}")
+    cluster = cli.join_cluster(_INDEX.value)
     extractor = extraction.for_index(_INDEX.value, cli.settings(), explicit=cli.explicit_settings())
+    scan = (
+      sharded.ProcessScan(cluster.process_id, cluster.num_processes)
+      if cluster.distributed
+      else None
+    )
     results = retrieval.query_index(
       _INDEX.value,
       _QUERY.value,
@@ -78,7 +89,10 @@ def main(argv):
       dba=_DBA.value,
       dba_alpha=_DBA_ALPHA.value,
       shortlist=_SHORTLIST.value,
+      scan=scan,
     )
+    if cluster.process_id != 0:
+      return  # every process holds the merged answer; process 0 prints it
     random_note = (
       "RANDOM weights (not ImageNet): scores show visual similarity of a random network"
       if extractor.weights_info.is_random

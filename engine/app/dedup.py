@@ -126,10 +126,10 @@ class Result:
 
 
 def find(
-  idx: store.Index, selection: Selection, *, linkage: str = "complete", k: int = 32
+  idx: store.Index, selection: Selection, *, linkage: str = "complete", k: int = 32, scan=None
 ) -> Result:
   """Groups of the index under `linkage` at the selected threshold, each with a suggested keeper."""
-  groups = grouping.find_groups(idx, selection.threshold, linkage=linkage, k=k)
+  groups = grouping.find_groups(idx, selection.threshold, linkage=linkage, k=k, scan=scan)
   decisions = [moves.choose_keeper([moves.file_info(key) for key in g.keys]) for g in groups]
   return Result(selection, linkage, groups, decisions)
 

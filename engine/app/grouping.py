@@ -85,14 +85,17 @@ class Graph:
     )
 
 
-def neighbour_graph(idx: store.Index, threshold: float, *, k: int = 32, chunk: int = 1024) -> Graph:
-  """The "score >= threshold among the k nearest" graph of every live row, through `idx.search`."""
+def neighbour_graph(
+  idx: store.Index, threshold: float, *, k: int = 32, chunk: int = 1024, scan=None
+) -> Graph:
+  """The "score >= threshold among the k nearest" graph of every live row, through `idx.search`
+  (`scan`: as in `engine.store.Index.search`, e.g. a multi-process run's scan)."""
   g = Graph()
   kk = min(k + 1, len(idx))  # + 1: a row finds itself
   if kk < 2:
     return g
   for keys_q, vecs in idx.iter_chunks(chunk):
-    scores, keys = idx.search(vecs, k=kk)
+    scores, keys = idx.search(vecs, k=kk, scan=scan)
     for qkey, srow, krow in zip(keys_q, scores, keys, strict=True):
       for other, s in zip(krow, srow, strict=True):
         if other is not None and other != qkey and math.isfinite(s) and s >= threshold:
@@ -184,6 +187,7 @@ def find_groups(
   linkage: str = "complete",
   k: int = 32,
   chunk: int = 1024,
+  scan=None,
 ) -> list[Group]:
   """Near-duplicate groups of the index's live images under `linkage` (see the module docstring).
 
@@ -193,10 +197,11 @@ def find_groups(
     linkage: "complete" (default), "representative" or "single".
     k: neighbours examined per image: a group has at most k + 1 members under "complete".
     chunk: query rows per search call (memory is bounded by chunk x k).
+    scan: as in `engine.store.Index.search` (a multi-process run's `ProcessScan`).
   """
   if not -1.0 <= threshold <= 1.0:
     raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
-  return group_graph(neighbour_graph(idx, threshold, k=k, chunk=chunk), linkage)
+  return group_graph(neighbour_graph(idx, threshold, k=k, chunk=chunk, scan=scan), linkage)
 
 
 def pair_counts(groups: Iterable[Group], same: dict[str, str]) -> tuple[int, int]:

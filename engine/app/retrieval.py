@@ -48,12 +48,14 @@ def query_index(
   dba: int = 0,
   dba_alpha: float = 3.0,
   shortlist: int = 100,
+  scan=None,
 ) -> QueryResults:
   """Extracts the query image(s) and searches the index with them.
 
   Returns at most k matches per query: all the index holds when it holds fewer. Scores use the
   index's collection statistics unless `raw_scores`; `qe`, `dba` and the rest are the options of
-  `engine.app.expansion.search`.
+  `engine.app.expansion.search`. `scan`: as in `engine.store.Index.search` (a multi-process
+  run's `engine.store.sharded.ProcessScan`).
 
   Raises:
     UserError: empty index, or no query image could be decoded.
@@ -83,7 +85,9 @@ def query_index(
         shortlist=max(shortlist, k),
       )
     else:
-      scores, keys = idx.search(extracted.features, k=k, statistics="none" if raw_scores else None)
+      scores, keys = idx.search(
+        extracted.features, k=k, statistics="none" if raw_scores else None, scan=scan
+      )
     scoring = describe_scoring(idx, raw_scores)
     if qe:
       scoring += f", alpha-QE over {qe} neighbours (alpha {qe_alpha:g})"
@@ -101,8 +105,8 @@ def query_index(
 
 
 def find_duplicates(
-  idx: store.Index, threshold: float, *, k: int = 32, linkage: str = "complete"
+  idx: store.Index, threshold: float, *, k: int = 32, linkage: str = "complete", scan=None
 ) -> list[list[tuple[str, float]]]:
   """Groups of near-duplicates as (key, score) lists, largest first (`grouping.find_groups`)."""
-  groups = grouping.find_groups(idx, threshold, linkage=linkage, k=k)
+  groups = grouping.find_groups(idx, threshold, linkage=linkage, k=k, scan=scan)
   return [list(zip(g.keys, g.scores, strict=True)) for g in groups]

@@ -4,6 +4,7 @@ then an all-gather of the [Q, k] lists and one merge."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -13,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from engine.kernels.topk import topk
+from engine.kernels.topk import empty_topk, merge_topk, topk
 
 
 def sharded_topk(
@@ -27,6 +28,7 @@ def sharded_topk(
   scales: jax.Array | None = None,
   valid: jax.Array | None = None,
   method: str | None = None,
+  block_rows: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """`topk` over a matrix whose rows are split across the devices of `mesh` along `axis`.
 
@@ -35,15 +37,30 @@ def sharded_topk(
 
   Args:
     queries: [Q, D] float.
-    matrix: [N, D], N divisible by the number of devices along `axis` (pad with `valid=False` rows).
+    matrix: [N, D], any N (padded here with masked rows to a multiple of the devices along `axis`;
+      an N that divides avoids the copy).
     k: results per query.
     mesh: e.g. `jax.make_mesh((8,), ("rows",))`.
     axis: the mesh axis (or axes) the rows are split over.
     metric, scales, valid, method: as in `topk`.
+    block_rows: if set and it divides each device's rows, each device scans its rows in blocks of
+      this many (a loop with a running top-k), so its [Q, rows] scores stay one block's: the
+      memory bound for rows resident on an accelerator.
 
   Returns:
     scores [Q, k] float32 and global ids [Q, k] int32, replicated on every device.
   """
+  names = (axis,) if isinstance(axis, str) else tuple(axis)
+  parts = math.prod(mesh.shape[a] for a in names)
+  n = matrix.shape[0]
+  pad = -n % parts
+  if pad:
+    # Any row count: zero rows, masked out, so the split is even and padding is never returned.
+    matrix = jnp.concatenate([jnp.asarray(matrix), jnp.zeros((pad, matrix.shape[1]), matrix.dtype)])
+    if scales is not None:
+      scales = jnp.concatenate([jnp.asarray(scales, jnp.float32), jnp.zeros(pad, jnp.float32)])
+    base = jnp.ones(n, bool) if valid is None else jnp.asarray(valid, bool)
+    valid = jnp.concatenate([base, jnp.zeros(pad, bool)])
   row_spec = P(axis, None)
   vec_spec = P(axis)
   args = [jnp.asarray(queries, jnp.float32), matrix]
@@ -68,17 +85,39 @@ def sharded_topk(
     has_scales,
     has_valid,
     tuple(specs),
+    block_rows,
   )
   return fn(*args)
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_fn(mesh, axis, k, metric, method, has_scales, has_valid, specs):
+def _sharded_fn(mesh, axis, k, metric, method, has_scales, has_valid, specs, block_rows):
+  def scan_rows(q, m, sc, va):
+    n = m.shape[0]
+    if not block_rows or n <= block_rows or n % block_rows:
+      return topk(q, m, k, metric=metric, scales=sc, valid=va, method=method)
+    nb = n // block_rows
+    xs = (
+      jnp.arange(nb, dtype=jnp.int32),
+      m.reshape(nb, block_rows, m.shape[1]),
+      None if sc is None else sc.reshape(nb, block_rows),
+      None if va is None else va.reshape(nb, block_rows),
+    )
+
+    def step(best, x):
+      j, mb, scb, vab = x
+      s, i = topk(q, mb, k, metric=metric, scales=scb, valid=vab, method=method)
+      i = jnp.where(i >= 0, i + j * block_rows, -1)
+      return merge_topk(*best, s, i, k), None
+
+    best, _ = lax.scan(step, empty_topk(q.shape[0], k), xs)
+    return best
+
   def local(q, m, *rest):
     rest = list(rest)
     sc = rest.pop(0) if has_scales else None
     va = rest.pop(0) if has_valid else None
-    s, i = topk(q, m, k, metric=metric, scales=sc, valid=va, method=method)
+    s, i = scan_rows(q, m, sc, va)
     i = jnp.where(i >= 0, i + lax.axis_index(axis) * m.shape[0], -1)
     all_s = lax.all_gather(s, axis, axis=1, tiled=True)
     all_i = lax.all_gather(i, axis, axis=1, tiled=True)

@@ -5,12 +5,14 @@ chunk and each chunk shape compiles once."""
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from engine.kernels import topk as topk_lib
 from engine.kernels.topk import _choose_method, _uses_native, empty_topk, merge_topk, topk
 
 
@@ -46,20 +48,75 @@ def scan_chunk(
   return merge_topk(best_scores, best_ids, s, i, k)
 
 
-def chunk_rows_for(
-  q: int, chunk_rows: int | None = None, dtype=None, method: str | None = None
-) -> int:
-  """Default rows per kernel call.
+# Share of an accelerator's free memory one streamed call may take (two chunks are in flight: the
+# one computing and the next one being copied; XLA's own buffers need the rest).
+DEVICE_BUDGET_FRACTION = 0.25
+# Hosts: a fixed share of RAM, capped (CPU chunks alias the page cache: this bounds the scores).
+HOST_BUDGET_FRACTION = 1 / 16
+HOST_BUDGET_CAP = 1 << 30
 
-  The native kernels keep only [Q, k] per call, so they take 1M-row chunks (fewer calls: +4% at
-  Q = 100 over 256K). Otherwise: big chunks for one query, smaller ones for batches so the [Q, rows]
-  float32 scores stay around 32-64 MB.
+
+def memory_budget(device: jax.Device | None = None) -> int:
+  """Bytes one streamed kernel call may use on `device` (default: the first local device).
+
+  Accelerators report their memory (`memory_stats()["bytes_limit"]`): a fixed share of what is free.
+  CPUs report none: a fixed share of the host's RAM, at most HOST_BUDGET_CAP.
+  """
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except (NotImplementedError, RuntimeError, AttributeError):
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return max(0, int(free * DEVICE_BUDGET_FRACTION))
+  try:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    ram = 8 << 30
+  return min(int(ram * HOST_BUDGET_FRACTION), HOST_BUDGET_CAP)
+
+
+def call_bytes(q: int, rows: int, d: int, dtype) -> int:
+  """Device bytes of one streamed call over `rows` rows: the rows, scales and mask twice (the next
+  chunk is copied while this one is scored), the [Q, rows] float32 scores with one more pass of
+  them, and the float32 rows widened at a time (`topk.WIDEN_BLOCK_BYTES`)."""
+  per_row = 2 * (d * np.dtype(dtype).itemsize + 4 + 1) + 2 * 4 * q
+  return rows * per_row + topk_lib.WIDEN_BLOCK_BYTES
+
+
+def chunk_rows_for(
+  q: int,
+  chunk_rows: int | None = None,
+  dtype=None,
+  method: str | None = None,
+  *,
+  d: int | None = None,
+  budget: int | None = None,
+) -> int:
+  """Default rows per kernel call: sized in bytes when D is known.
+
+  The native kernels keep only [Q, k] per call and read the rows where they lie (page cache), so
+  they take 1M-row chunks (fewer calls: +4% at Q = 100 over 256K), at most `budget` bytes of rows.
+  Otherwise: big chunks for one query, smaller ones for batches so the [Q, rows] float32 scores
+  stay around 32-64 MB, and a power of two of rows whose `call_bytes` fit in `budget` (default
+  `memory_budget()`), at least 128 rows.
   """
   if chunk_rows:
     return int(chunk_rows)
-  if dtype is not None and _uses_native(method or _choose_method(q, dtype, None), dtype, q):
-    return 1 << 20
-  return 262144 if q <= 1 else 65536
+  native_path = dtype is not None and _uses_native(method or _choose_method(q, dtype, d), dtype, q)
+  rows = 1 << 20 if native_path else (262144 if q <= 1 else 65536)
+  if d is None or dtype is None:
+    return rows
+  budget = memory_budget() if budget is None else int(budget)
+  if native_path:
+    fit = budget // max(1, d * np.dtype(dtype).itemsize)
+  else:
+    fit = (budget - topk_lib.WIDEN_BLOCK_BYTES) // max(
+      1, call_bytes(q, 1, d, dtype) - topk_lib.WIDEN_BLOCK_BYTES
+    )
+  fit = 1 << max(0, int(fit).bit_length() - 1) if fit > 0 else 0
+  return max(topk_lib._BLOCK, min(rows, fit))
 
 
 MIN_CHUNK_ROWS = 4096
@@ -132,7 +189,7 @@ def chunked_topk(
     matrix: [N, D] host array in a storage dtype.
     k: results per query.
     metric, scales, valid, method: as in `topk` (`valid` as a host bool array).
-    chunk_rows: rows per kernel call; default `chunk_rows_for`.
+    chunk_rows: rows per kernel call; default `chunk_rows_for` (sized in bytes for the device).
     offset: added to the returned ids (the global row of `matrix[0]`).
     best: a running [Q, k] top-k to merge into (several matrices streamed one after another).
     query_offset, row_weight: [Q] and [N] (host): the rank-one term of `topk`.
@@ -145,7 +202,7 @@ def chunked_topk(
   n, d = matrix.shape
   if best is None:
     best = empty_topk(q.shape[0], k)
-  rows_per_call = chunk_rows_for(q.shape[0], chunk_rows, matrix.dtype, method)
+  rows_per_call = chunk_rows_for(q.shape[0], chunk_rows, matrix.dtype, method, d=d)
   for start, rows, padded in plan_chunks(n, rows_per_call):
     stop = start + rows
     va = np.ones(rows, bool) if valid is None else np.asarray(valid[start:stop], bool)

@@ -46,6 +46,9 @@ _DN = (((1,), (1,)), ((), ()))  # contract the feature axis of [Q, D] with [N, D
 # at 76 GOP/s per core on the project's CPU (vpdpbusd: 760), below XLA's product on widened rows.
 # Their AVX2 loops widen the rows once and run float32 FMA for any number of queries.
 _NATIVE_FEW_Q = 8
+# Rows widened to float32 at a time by the XLA products of float16 rows (see `_widened_dot`).
+WIDEN_BLOCK_BYTES = 32 << 20
+_NARROW = (jnp.float16, jnp.bfloat16, jnp.int8)
 
 
 def _bits_to_f32(u32: jax.Array) -> jax.Array:
@@ -107,6 +110,33 @@ def _widen(matrix: jax.Array) -> jax.Array:
   return decode(matrix)
 
 
+def _f32_dot(queries: jax.Array, rows: jax.Array) -> jax.Array:
+  return lax.dot_general(
+    queries, rows, _DN, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+  )
+
+
+def _by_row_blocks(fn, matrix: jax.Array, widened=(jnp.float16,)) -> jax.Array:
+  """`fn(matrix)` for an `fn` of [n, D] rows -> [..., n], computed over blocks of rows whose float32
+  copies hold at most WIDEN_BLOCK_BYTES, for a matrix of one of the `widened` dtypes.
+
+  XLA materialises the widened copy of a float16 matrix (the bit decode) before a product or a
+  reduction, and of any storage dtype before a product or a loop over queries: on an accelerator,
+  a whole chunk of device memory. A single reduction of int8 or bfloat16 widens inside its loop.
+  """
+  n, d = matrix.shape
+  block = max(_BLOCK, 1 << max(0, (WIDEN_BLOCK_BYTES // (4 * d)).bit_length() - 1))
+  nb = n // block
+  if matrix.dtype not in widened or nb <= 1:
+    return fn(matrix)
+  head = lax.map(fn, matrix[: nb * block].reshape(nb, block, d))  # [nb, ..., block]
+  head = jnp.moveaxis(head, 0, -2)
+  head = head.reshape(*head.shape[:-2], nb * block)
+  if nb * block < n:
+    head = jnp.concatenate([head, fn(matrix[nb * block :])], axis=-1)
+  return head
+
+
 def inner_products(
   queries: jax.Array,
   matrix: jax.Array,
@@ -127,23 +157,24 @@ def inner_products(
   """
   if method == "reduce":
     if queries.shape[0] == 1:
-      s = jnp.sum(_widen(matrix) * queries[0], axis=1)[None]
+      s = _by_row_blocks(lambda rows: jnp.sum(_widen(rows) * queries[0], axis=1), matrix)[None]
     else:
-      s = lax.map(lambda q: jnp.sum(_widen(matrix) * q, axis=1), queries)
+      # XLA hoists the loop-invariant widening out of the loop: block the rows.
+      s = _by_row_blocks(
+        lambda rows: lax.map(lambda q: jnp.sum(_widen(rows) * q, axis=1), queries),
+        matrix,
+        _NARROW,
+      )
   elif method in ("f32", "f32-xla"):
-    s = lax.dot_general(
-      queries,
-      _widen(matrix),
-      _DN,
-      precision=lax.Precision.HIGHEST,
-      preferred_element_type=jnp.float32,
-    )
+    s = _by_row_blocks(lambda rows: _f32_dot(queries, _widen(rows)), matrix, _NARROW)
   elif method in ("bf16", "bf16-xla"):
     if matrix.dtype != jnp.bfloat16:
       raise ValueError(f"method={method!r} needs a bfloat16 matrix")
-    s = lax.dot_general(
-      queries.astype(jnp.bfloat16), matrix, _DN, preferred_element_type=jnp.float32
-    )
+    qb = queries.astype(jnp.bfloat16)
+    if qb.shape[0] == 1:  # XLA's bf16 product with one query widens the whole matrix first
+      qb = jnp.concatenate([qb, jnp.zeros_like(qb)])
+    s = lax.dot_general(qb, matrix, _DN, preferred_element_type=jnp.float32)
+    s = s[: queries.shape[0]]
   elif method == "bf16x2":
     if matrix.dtype != jnp.bfloat16:
       raise ValueError("method='bf16x2' needs a bfloat16 matrix")
@@ -176,8 +207,11 @@ def inner_products(
 
 
 def _sq_norms(matrix: jax.Array, scales: jax.Array | None) -> jax.Array:
-  x = _widen(matrix)
-  n = jnp.sum(x * x, axis=1)
+  def norms(rows):
+    x = _widen(rows)
+    return jnp.sum(x * x, axis=1)
+
+  n = _by_row_blocks(norms, matrix)
   if scales is not None:
     n = n * (scales * scales)
   return n

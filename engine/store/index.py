@@ -446,9 +446,23 @@ class Index(Commits):
     chunk_rows: int | None = None,
     method: str | None = None,
     statistics: str | None = None,
+    devices: Sequence[Any] | None = None,
+    scan: Any = None,
   ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest live vectors of each query: `engine.store.search.search` on this index
-    (with its collection statistics, if it has learned any)."""
+    (with its collection statistics, if it has learned any).
+
+    With `devices` (JAX devices), the rows are split over them for this one search
+    (`engine.store.sharded.ShardedSearcher`; keep one of those to search many times). `scan`
+    replaces the step that finds the candidates (`engine.store.search.search`), e.g. an
+    `engine.store.sharded.ProcessScan` in a multi-process run.
+    """
+    if devices is not None:
+      from engine.store import sharded  # JAX loads with the first search, not here
+
+      return sharded.ShardedSearcher(self, devices, method=method).search(
+        queries, k, metric, allowed_keys, rerank
+      )
     from engine.store import search as search_lib  # JAX loads with the first search, not here
 
     return search_lib.search(
@@ -461,6 +475,7 @@ class Index(Commits):
       chunk_rows=chunk_rows,
       method=method,
       statistics=statistics,
+      scan=scan,
     )
 
   # ---------------------------------------------------------------- lifecycle

@@ -19,7 +19,7 @@ from engine.store.segments import CHUNK_ROWS, normalize_rows
 
 # Compressed storage: the kernel returns this many times k candidates for exact re-scoring.
 CANDIDATE_FACTOR = 2
-_QUERY_BATCH = 256
+QUERY_BATCH = 256
 
 
 def search(
@@ -33,6 +33,7 @@ def search(
   chunk_rows: int | None = None,
   method: str | None = None,
   statistics: str | None = None,
+  scan=None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """The k nearest live vectors of each query in `index` (an open `engine.store.Index`).
 
@@ -53,6 +54,12 @@ def search(
       "none" without them (the raw cosine), and a statistics id (`Index.statistics.id`) insists
       on that set: IndexMismatchError if the index now holds another. Queries are always the raw
       descriptors, as extracted: the index applies its statistics itself.
+    scan: the step that finds the candidates, `scan(segments, valid, queries, kk, metric)`
+      (with collection statistics also `query_offset=` [Q] and `factors=`, per segment its
+      (scales, row weights): the rank-one term of `engine.kernels.topk.topk`) ->
+      ([Q, kk] float32 kernel scores, [Q, kk] int64 global rows, -1 for none); default: every
+      segment streamed through one device (`engine.store.sharded` has a mesh and a multi-process
+      one).
 
   Returns:
     scores: [Q, m] float32 and keys: [Q, m] object array of str, best first, where
@@ -119,10 +126,16 @@ def search(
     q_scan, q_offset, factors = q, None, None
   scores = np.empty((nq, kk), np.float32)
   grows = np.empty((nq, kk), np.int64)
-  for start in range(0, nq, _QUERY_BATCH):
-    stop = start + _QUERY_BATCH
+  for start in range(0, nq, QUERY_BATCH):
+    stop = start + QUERY_BATCH
     qo = None if q_offset is None else q_offset[start:stop]
-    s, g = _scan(segs, valid, q_scan[start:stop], kk, metric, chunk_rows, method, qo, factors)
+    qb = q_scan[start:stop]
+    if scan is None:
+      s, g = _scan(segs, valid, qb, kk, metric, chunk_rows, method, qo, factors)
+    elif factors is None:
+      s, g = scan(segs, valid, qb, kk, metric)
+    else:
+      s, g = scan(segs, valid, qb, kk, metric, query_offset=qo, factors=factors)
     scores[start:stop] = s
     grows[start:stop] = g
   if use_rerank or index.dtype != "float32" or stats is not None:
