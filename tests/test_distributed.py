@@ -83,9 +83,11 @@ def _dedup(args, n=1, port=None):
 
 def _same_groups(a, b):
   ga, gb = json.loads(a)["groups"], json.loads(b)["groups"]
-  assert [[m["key"] for m in g] for g in ga] == [[m["key"] for m in g] for g in gb]
-  sa = [m["score"] for g in ga for m in g]
-  sb = [m["score"] for g in gb for m in g]
+  assert [[m["key"] for m in g["members"]] for g in ga] == [
+    [m["key"] for m in g["members"]] for g in gb
+  ]
+  sa = [m["score"] for g in ga for m in g["members"]]
+  sb = [m["score"] for g in gb for m in g["members"]]
   np.testing.assert_allclose(sa, sb, atol=1e-5)
   assert len(ga) > 10
 

@@ -22,9 +22,13 @@ FORMATS = ("text", "csv", "json", "html")
 
 def index_statistics(idx: store.Index) -> str:
   """The collection statistics the index applies to scores at search time, as calibration curves
-  name them: "none" (raw cosine) for an index that records none."""
-  stats = idx.metadata.get("statistics")
-  return stats if isinstance(stats, str) else "none"
+  name them: "none" (raw cosine), "centered", or "whiten:DIM" (`engine.store.statistics`)."""
+  stats = idx.statistics
+  if stats is None:
+    return "none"
+  if stats.kind == "center":
+    return "centered"
+  return f"whiten:{idx.statistics_info['dim']}"
 
 
 @dataclasses.dataclass(frozen=True)
