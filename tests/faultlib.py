@@ -16,7 +16,7 @@ import traceback
 import numpy as np
 
 # The binaries run through binlib (in this process; `fault=` SIGKILLs a subprocess at a crash point).
-from binlib import TINY, run  # noqa: F401 - re-exported: the suites call faultlib.run
+from binlib import ROOT, TINY, run  # noqa: F401 - re-exported: the suites call faultlib.run
 
 from engine import store
 from engine.app import indexing, sample
