@@ -55,7 +55,11 @@ def test_every_pair_in_every_group_scores_above_the_threshold(
       again = grouping.find_groups(idx, threshold, k=k, chunk=50)
       single = grouping.find_groups(idx, threshold, k=k, linkage="single")
       rep = grouping.find_groups(idx, threshold, k=k, linkage="representative")
-  assert groups == again, "the groups depend on the contents only, not on the chunking"
+  # The groups depend on the contents only, not on the chunking; scores up to float32 rounding
+  # (query batches of another size take another compiled product).
+  assert [g.keys for g in groups] == [g.keys for g in again]
+  for g, h in zip(groups, again, strict=True):
+    np.testing.assert_allclose(g.scores, h.scores, rtol=0, atol=1e-6)
   row = {key: i for i, key in enumerate(keys)}
   seen = set()
   for g in groups:
