@@ -64,8 +64,11 @@ def build_ours_openvino(batch, precision, cache_dir):
 
 def build_native_openvino(batch, precision, tmpdir):
   import numpy as np
-  import openvino as ov
   import torch
+
+  from engine.features.backends import import_openvino
+
+  ov = import_openvino()
 
   path = os.path.join(tmpdir, f"torch_vgg16_fc2_b{batch}.onnx")
   if not os.path.exists(path):
@@ -165,8 +168,11 @@ def main(argv):
     torch_bf16 = by.get((r["batch"], "torch_bf16"))
     r["vs_torch_bf16"] = r["images_per_s"] / torch_bf16 if torch_bf16 else None
   import jax
-  import openvino
   import torch
+
+  from engine.features.backends import import_openvino
+
+  openvino = import_openvino()
 
   meta = {
     "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -63,8 +63,11 @@ def _median(fn, runs: int) -> tuple[float, list[float]]:
 
 def native_openvino(batch: int, precision: str, workdir: str, n: int):
   """Seconds for n images through plain OpenVINO on a torch-exported VGG-16 to fc2 (model only)."""
-  import openvino as ov
   import torch
+
+  from engine.features.backends import import_openvino
+
+  ov = import_openvino()
 
   from bench.peers import torch_vgg16_to_fc2
 

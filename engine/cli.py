@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging as std_logging
 import os
 import sys
 
@@ -45,6 +46,8 @@ def configure_process(work: str = "extract") -> None:
   `$VGG_RETRIEVAL_NO_CACHE` is set. Library code never does this: importing or calling it leaves
   the process's flags alone.
   """
+  # JAX says at INFO level, on every run of a binary (absl shows INFO), that it found no TPU.
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
   if "XLA_FLAGS" not in os.environ and DEFAULT_XLA_FLAGS[work]:
     os.environ["XLA_FLAGS"] = DEFAULT_XLA_FLAGS[work]
   if fileio.caches_enabled():

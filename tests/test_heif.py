@@ -59,3 +59,30 @@ def test_heic_extracts_through_the_engine(tmp_path, tiny_weights):
   heic, source, other = res.features
   assert np.isfinite(heic).all()
   assert float(heic @ source) > float(heic @ other), "a HEIC matches its own source best"
+
+
+def test_without_the_extra_a_heic_file_names_the_extra(tmp_path):
+  """Where pillow-heif is missing, a HEIC photo fails with a reason that says what to install."""
+  import os
+  import subprocess
+  import sys
+
+  path = tmp_path / "phone.heic"
+  _write_heic(path)
+  child = (
+    "import sys\n"
+    "sys.modules['pillow_heif'] = None  # as if the extra were not installed\n"
+    "from engine.features import images\n"
+    "print(images.probe(sys.argv[1]))\n"
+  )
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    [sys.executable, "-c", child, str(path)],
+    cwd=root,
+    env={**os.environ, "PYTHONPATH": root},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 0, out.stderr
+  assert "heif extra" in out.stdout, out.stdout

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import threading
 
 import jax
@@ -47,13 +48,44 @@ def is_x86() -> bool:
   return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+def import_openvino():
+  """`import openvino`, without OpenVINO's usage telemetry unless the user opted in.
+
+  Importing openvino sends a usage event to Google Analytics from a forked process (a fork of a
+  multithreaded JAX process, which can deadlock) unless a consent file says no. The engine treats
+  "no consent file" as "declined" for its own process; a user who opted in with OpenVINO's
+  `opt_in_out --opt_in` keeps their choice. Nothing is written to the user's consent file.
+  """
+  if "openvino" not in sys.modules:
+    try:
+      from openvino_telemetry.utils import opt_in_checker
+    except ImportError:  # no telemetry package: nothing to decline
+      pass
+    else:
+      checker = opt_in_checker.OptInChecker
+      if not getattr(checker.check, "_engine_declines", False):
+        check = checker.check
+
+        def declined_without_consent(self, *args, **kwargs):
+          result = check(self, *args, **kwargs)
+          if result == opt_in_checker.ConsentCheckResult.NO_FILE:
+            return opt_in_checker.ConsentCheckResult.DECLINED
+          return result
+
+        declined_without_consent._engine_declines = True
+        checker.check = declined_without_consent
+  import openvino
+
+  return openvino
+
+
 def unavailable_reason() -> str | None:
   """Why the OpenVINO backend cannot run here, or None when it can (an x86 CPU, OpenVINO
   importable, the exporter installed)."""
   if not is_x86():
     return f"this CPU ({platform.machine()}) is not x86"
   try:
-    import openvino  # noqa: F401
+    import_openvino()
   except Exception as e:  # noqa: BLE001 - a broken install raises anything; all mean "not here"
     return f"openvino cannot be imported ({type(e).__name__}: {e})"
   missing = [m for m in ("jax2onnx", "onnx") if importlib.util.find_spec(m) is None]
@@ -171,7 +203,7 @@ class OpenVINORunner:
     precision: str = "fp32",
     compiled_cache: str | None = None,
   ):
-    import openvino as ov
+    ov = import_openvino()
 
     if precision not in PRECISION_HINTS:
       raise ValueError(f"precision must be one of {sorted(PRECISION_HINTS)}, got {precision!r}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -52,10 +51,24 @@ def register_optional_formats() -> tuple[str, ...]:
   try:
     import pillow_heif  # the optional extra; imported on first decode, not on import
   except ImportError:
-    logging.getLogger(__name__).info("pillow-heif is not installed: HEIC/HEIF files are skipped")
-    return ()
+    return ()  # HEIC/HEIF files then fail with a reason that names the extra (`_unrecognised`)
   pillow_heif.register_heif_opener()
   return ("HEIF",)
+
+
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+def _unrecognised(path: str | os.PathLike) -> str:
+  """The reason for a file Pillow does not recognise: HEIC/HEIF without its extra is named."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(12)
+  except OSError:
+    head = b""
+  if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS and not register_optional_formats():
+    return "HEIC/HEIF photo: install the heif extra (pip install pillow-heif) to read it"
+  return "not a recognised image format"
 
 
 def _open(path: str | os.PathLike) -> Image.Image:
@@ -63,7 +76,7 @@ def _open(path: str | os.PathLike) -> Image.Image:
   try:
     img = Image.open(path)
   except UnidentifiedImageError as e:
-    raise ImageError("not a recognised image format") from e
+    raise ImageError(_unrecognised(path)) from e
   except Image.DecompressionBombError as e:
     raise ImageError(f"image too large ({e})") from e
   except FileNotFoundError as e:
