@@ -112,6 +112,19 @@ def _stdout_to_stderr():
     os.close(saved)
 
 
+def gather_json(cluster: Cluster, value) -> list:
+  """Every process's JSON-able `value`, in process order, on every process (a barrier too)."""
+  if not cluster.distributed:
+    return [value]
+  blob = json.dumps(value, sort_keys=True).encode()
+  with _stdout_to_stderr():  # the first collective may be this one
+    length = int(_allgather(np.array([len(blob)], np.int32)).max())
+  buf = np.zeros(max(length, 1), np.uint8)
+  buf[: len(blob)] = np.frombuffer(blob, np.uint8)
+  rows = _allgather(buf).reshape(cluster.num_processes, -1)
+  return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+
+
 def agree(cluster: Cluster, values: Mapping[str, str]) -> None:
   """Refuses (on every process) to go on unless every process was given the same `values`.
 
@@ -120,13 +133,7 @@ def agree(cluster: Cluster, values: Mapping[str, str]) -> None:
   """
   if not cluster.distributed:
     return
-  blob = json.dumps(dict(values), sort_keys=True).encode()
-  with _stdout_to_stderr():  # the first collective
-    length = int(_allgather(np.array([len(blob)], np.int32)).max())
-  buf = np.zeros(length, np.uint8)
-  buf[: len(blob)] = np.frombuffer(blob, np.uint8)
-  rows = _allgather(buf).reshape(cluster.num_processes, length)
-  seen = [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+  seen = gather_json(cluster, dict(values))
   diffs = []
   for name in sorted(set().union(*seen)):
     vals = [s.get(name) for s in seen]

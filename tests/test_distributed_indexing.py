@@ -1,0 +1,152 @@
+"""`engine.index` on several processes of a jax.distributed run (localhost, loopback): the index
+holds the same keys and vectors as one process's, a process killed mid-run loses nothing once the
+run is repeated, and the single-writer rule still holds."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from binlib import CACHE, ROOT, TINY, subprocess_env
+from faultlib import check_index, make_photos, vectors_of
+
+from engine import store
+from engine.app import process_indexing
+
+# Runs engine.index with a store crash point armed: argv = [point, n, *args].
+_ARMED = (
+  "import runpy, sys; from engine.store import faults; "
+  "point, n = sys.argv[1:3]; del sys.argv[1:3]; faults.kill_at(point, int(n)); "
+  "sys.argv[0] = 'engine.index'; runpy.run_module('engine.index', run_name='__main__', alter_sys=True)"
+)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(args, n, faults=None):
+  """Starts `engine.index *args` as n processes of one run; faults: process -> "POINT:N"."""
+  port = _free_port()
+  env = subprocess_env({"VGG_RETRIEVAL_CACHE": CACHE, "JAX_PLATFORMS": "cpu"})
+  procs = []
+  for p in range(n):
+    flags = [
+      *args,
+      f"--coordinator_address=127.0.0.1:{port}",
+      f"--num_processes={n}",
+      f"--process_id={p}",
+      "--distributed_timeout=60",
+    ]
+    fault = (faults or {}).get(p)
+    if fault:
+      point, _, count = fault.partition(":")
+      argv = [sys.executable, "-c", _ARMED, point, count, *flags]
+    else:
+      argv = [sys.executable, "-m", "engine.index", *flags]
+    procs.append(
+      subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+    )
+  return procs
+
+
+def _finish(procs, timeout=240):
+  out = []
+  for p in procs:
+    o, e = p.communicate(timeout=timeout)
+    out.append((p.returncode, o, e))
+  return out
+
+
+def _one_process(images, index, *extra):
+  r = subprocess.run(
+    [sys.executable, "-m", "engine.index", f"--images={images}", f"--index={index}", *TINY, *extra],
+    cwd=ROOT,
+    env=subprocess_env({"VGG_RETRIEVAL_CACHE": CACHE, "JAX_PLATFORMS": "cpu"}),
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
+  assert r.returncode == 0, r.stderr
+  return r
+
+
+def _same_index(a, b, atol):
+  va, vb = vectors_of(a), vectors_of(b)
+  assert sorted(va) == sorted(vb)
+  for k in va:
+    np.testing.assert_allclose(va[k], vb[k], atol=atol, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("photos")
+  make_photos(folder, 11)
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  return folder
+
+
+def test_two_processes_index_like_one(tmp_path, photos):
+  one, two = tmp_path / "one", tmp_path / "two"
+  _one_process(photos, one, "--dtype=float32")
+  args = [f"--images={photos}", f"--index={two}", "--dtype=float32", "--commit_every=2", *TINY]
+  runs = _finish(_start(args, 2))
+  for p, (rc, _, err) in enumerate(runs):
+    assert rc == 0, (p, err)
+  assert "indexed 11, unchanged 0, failed 1" in runs[0][1]
+  assert runs[1][1] == ""  # process 0 reports, the others stay silent
+  _same_index(one, two, atol=1e-5)
+  check_index(two)
+  assert not os.path.exists(two / process_indexing.STAGING)
+  with open(one / "last_run_failures.tsv") as f1, open(two / "last_run_failures.tsv") as f2:
+    assert f1.read() == f2.read() != ""
+  # Nothing new: nothing extracted, the index unchanged.
+  again = _finish(_start(args, 2))
+  assert again[0][0] == 0 and "indexed 0, unchanged 11, failed 1" in again[0][1], again[0][2]
+
+
+def test_a_killed_process_loses_nothing_once_the_run_is_repeated(tmp_path, photos):
+  one, two = tmp_path / "one", tmp_path / "two"
+  _one_process(photos, one)
+  args = [f"--images={photos}", f"--index={two}", "--commit_every=2", *TINY]
+  # Process 1 dies after its second commit wrote the catalog but not the manifest.
+  procs = _start(args, 2, faults={1: "catalog:2"})
+  procs[1].communicate(timeout=240)
+  assert procs[1].returncode == -signal.SIGKILL
+  procs[0].send_signal(signal.SIGKILL)  # the whole run dies: process 0 waits for process 1
+  procs[0].communicate(timeout=60)
+  staged = process_indexing.staging_path(str(two), 1, 2)
+  with store.Index.open(staged, readonly=True) as s:
+    assert len(s) == 2  # its first commit survives
+  runs = _finish(_start(args, 2))
+  for p, (rc, _, err) in enumerate(runs):
+    assert rc == 0, (p, err)
+  summary = re.search(r"indexed (\d+), unchanged (\d+), failed 1,", runs[0][1])
+  recovered = re.search(r"recovered (\d+) images an interrupted run had extracted", runs[0][1])
+  assert summary and recovered, runs[0][1]
+  indexed, unchanged = int(summary[1]), int(summary[2])
+  assert int(recovered[1]) == unchanged >= 2 and indexed + unchanged == 11, runs[0][1]
+  assert not os.path.exists(two / process_indexing.STAGING)
+  keys = check_index(two)
+  assert len(keys) == 11
+  _same_index(one, two, atol=0.02)  # int8: a rounding step at most
+
+
+def test_a_held_writer_lock_refuses_every_process(tmp_path, photos):
+  index = tmp_path / "ix"
+  _one_process(photos, index)
+  with store.Index.open(index):  # a second writer holds the lock
+    runs = _finish(_start([f"--images={photos}", f"--index={index}", *TINY], 2))
+  for p, (rc, _, err) in enumerate(runs):
+    assert rc == 1, (p, err)
+    assert "Traceback" not in err
+    assert "locked" in err.strip().splitlines()[-1], err
+  assert "process 0 failed to open the index" in runs[1][2]
