@@ -111,6 +111,10 @@ def main(argv):
       )
       if cluster.process_id != 0:
         return  # process 0 adds every process's share to the index and reports the run
+      print(
+        f"{cluster.num_processes} processes; process 0 added their {result.indexed} images to "
+        f"the index in {result.merge_seconds:.2f} s"
+      )
     else:
       result = indexing.index_folder(_IMAGES.value, _INDEX.value, extractor, **options)
     for path, reason in result.failed[:20]:

@@ -102,6 +102,7 @@ def test_two_processes_index_like_one(tmp_path, photos):
   for p, (rc, _, err) in enumerate(runs):
     assert rc == 0, (p, err)
   assert "indexed 11, unchanged 0, failed 1" in runs[0][1]
+  assert "2 processes; process 0 added their 11 images to the index" in runs[0][1]
   assert runs[1][1] == ""  # process 0 reports, the others stay silent
   _same_index(one, two, atol=1e-5)
   check_index(two)

@@ -37,6 +37,8 @@ class IndexReport:
     statistics: what happened to the collection statistics (None: nothing to do).
     recovered: images an interrupted multi-process run had extracted, added to the index by this
       run before it looked for work (they then count as unchanged).
+    merge_seconds: multi-process runs: the time process 0 spent adding the processes' staging
+      indexes to the index.
   """
 
   indexed: int = 0
@@ -46,6 +48,7 @@ class IndexReport:
   seconds: float = 0.0
   statistics: str | None = None
   recovered: int = 0
+  merge_seconds: float = 0.0
 
   @property
   def images_per_second(self) -> float:

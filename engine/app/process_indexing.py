@@ -175,7 +175,9 @@ def index_folder(
     if p != 0:
       return report
     report.failed = [tuple(f) for e in everyone for f in e["failed"]]
+    t_merge = time.monotonic()
     report.indexed = fold_staging(idx, extractor)
+    report.merge_seconds = time.monotonic() - t_merge
     stale = [k for e in everyone for k in e["stale"]]
     if stale:
       idx.delete(stale)
