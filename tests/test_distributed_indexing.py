@@ -4,6 +4,7 @@ run is repeated, and the single-writer rule still holds."""
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,10 +13,11 @@ import sys
 import numpy as np
 import pytest
 from binlib import CACHE, ROOT, TINY, subprocess_env
-from faultlib import check_index, make_photos, vectors_of
+from faultlib import StubExtractor, check_index, make_photos, vectors_of
 
 from engine import store
 from engine.app import process_indexing
+from engine.common.errors import UserError
 
 # Runs engine.index with a store crash point armed: argv = [point, n, *args].
 _ARMED = (
@@ -151,3 +153,38 @@ def test_a_held_writer_lock_refuses_every_process(tmp_path, photos):
     assert "Traceback" not in err
     assert "locked" in err.strip().splitlines()[-1], err
   assert "process 0 failed to open the index" in runs[1][2]
+
+
+def test_fold_twice_neither_loses_nor_duplicates_and_skips_debris(tmp_path):
+  stub = StubExtractor()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((5, stub.dim)).astype(np.float32)
+  keys = [f"/photos/{i}.jpg" for i in range(5)]
+  stats = [store.FileStat(sha256=f"{i:064x}", size=100 + i, mtime_ns=i) for i in range(5)]
+  staged = process_indexing.staging_path(str(tmp_path / "ix"), 1, 2)
+  with store.Index.create(tmp_path / "ix", dim=stub.dim, metadata=stub.index_metadata()) as idx:
+    with store.Index.create(
+      staged, dim=stub.dim, dtype="float32", metadata=stub.index_metadata(), normalize=False
+    ) as s:
+      s.add(x, keys, files=stats)
+    backup = str(tmp_path / "backup")
+    shutil.copytree(staged, backup)
+    debris = os.path.join(os.path.dirname(staged), "trash-0-of-2-123")
+    os.makedirs(debris)
+    os.makedirs(process_indexing.staging_path(idx.path, 0, 2))  # crashed before its manifest
+    assert process_indexing.fold_staging(idx, stub) == 5
+    assert not os.path.exists(os.path.join(idx.path, process_indexing.STAGING))
+    # A crash between the fold and the removal: the next run folds the same rows again.
+    shutil.copytree(backup, staged)
+    assert process_indexing.fold_staging(idx, stub) == 5
+    assert sorted(idx.keys()) == keys and len(idx) == 5
+    assert idx.get_file_stat(keys[3]) == stats[3]
+    want = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(idx.get_vectors(keys), want, atol=0.02)
+    # A staging index of another extractor is refused, naming it.
+    with store.Index.create(
+      staged, dim=stub.dim, dtype="float32", metadata={"extractor": {"model": "other"}}
+    ) as s:
+      s.add(x[:1], keys[:1])
+    with pytest.raises(UserError, match="staging index .*1-of-2"):
+      process_indexing.fold_staging(idx, stub)
