@@ -188,3 +188,15 @@ def test_fold_twice_neither_loses_nor_duplicates_and_skips_debris(tmp_path):
       s.add(x[:1], keys[:1])
     with pytest.raises(UserError, match="staging index .*1-of-2"):
       process_indexing.fold_staging(idx, stub)
+
+
+def test_a_process_that_cannot_write_its_share_stops_every_process(tmp_path, photos):
+  index = tmp_path / "ix"
+  _one_process(photos, index, f"--images={photos / 'p000.jpg'}")  # one image: quick
+  (index / process_indexing.STAGING).mkdir()
+  (index / process_indexing.STAGING / "1-of-2").write_text("in the way of process 1's staging")
+  runs = _finish(_start([f"--images={photos}", f"--index={index}", *TINY], 2))
+  for p, (rc, _, err) in enumerate(runs):
+    assert rc == 1, (p, err)
+    assert "Traceback" not in err
+  assert "process 1 failed to index its share" in runs[0][2].strip().splitlines()[-1], runs[0][2]

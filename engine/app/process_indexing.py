@@ -97,9 +97,17 @@ def _digest(todo: list[str], known: dict[str, store.FileStat]) -> str:
   return hashlib.sha256(blob).hexdigest()
 
 
+def _text(error: BaseException | None) -> str | None:
+  if error is None:
+    return None
+  if isinstance(error, OSError) and not isinstance(error, UserError):
+    return f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
+  return str(error)
+
+
 def _outcome(cluster: distributed.Cluster, error: BaseException | None, what: str) -> None:
   """Every process learns whether process 0's step `what` failed; the others then fail too."""
-  message = None if error is None else str(error)
+  message = _text(error)
   first = distributed.gather_json(cluster, message)[0]
   if error is not None:
     raise error
@@ -154,24 +162,39 @@ def index_folder(
     share = todo[p::n]
     failed_before = len(report.failed)
     stale: list[str] = []
-    if share:
-      with store.Index.create(
-        staging_path(index_path, p, n),
-        dim=extractor.dim,
-        dtype="float32",
-        metadata=extractor.index_metadata(),
-        normalize=False,
-      ) as staged:
-        own = indexing.IndexReport()
-        stale = indexing.extract_into(
-          staged, share, known, extractor, own, commit_every, progress=progress and p == 0
-        )
-      report.failed.extend(own.failed)
-      report.indexed = own.indexed
-    mine = {"failed": report.failed[failed_before:], "stale": stale}
+    error = None
+    try:
+      if share:
+        with store.Index.create(
+          staging_path(index_path, p, n),
+          dim=extractor.dim,
+          dtype="float32",
+          metadata=extractor.index_metadata(),
+          normalize=False,
+        ) as staged:
+          own = indexing.IndexReport()
+          try:
+            stale = indexing.extract_into(
+              staged, share, known, extractor, own, commit_every, progress=progress and p == 0
+            )
+          finally:
+            report.failed.extend(own.failed)
+            report.indexed = own.indexed
+    except (UserError, OSError) as e:  # the others learn it at the next step instead of waiting
+      error = e
+    mine = {"failed": report.failed[failed_before:], "stale": stale, "error": _text(error)}
     if p == 0:
       mine["failed"] = report.failed  # the walk's failures, counted once
     everyone = distributed.gather_json(cluster, mine)  # the barrier: every share is committed
+    if error is not None:
+      raise error
+    broken = [(q, e["error"]) for q, e in enumerate(everyone) if e["error"] is not None]
+    if broken:
+      q, message = broken[0]
+      raise distributed.DistributedError(
+        f"process {q} failed to index its share: {message} (what every process committed is "
+        "kept: run again to finish)"
+      )
     if p != 0:
       return report
     report.failed = [tuple(f) for e in everyone for f in e["failed"]]
