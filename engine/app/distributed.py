@@ -28,6 +28,11 @@ class DistributedError(UserError):
   """The processes of a run cannot meet, or were started differently."""
 
 
+class LostProcessError(DistributedError):
+  """Another process of the run stopped in the middle of it. JAX's own shutdown then waits for its
+  heartbeat timeout and aborts, so binaries end at once (`engine.cli.user_errors`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Cluster:
   """This process's place in the run: process `process_id` of `num_processes`."""
@@ -117,11 +122,17 @@ def gather_json(cluster: Cluster, value) -> list:
   if not cluster.distributed:
     return [value]
   blob = json.dumps(value, sort_keys=True).encode()
-  with _stdout_to_stderr():  # the first collective may be this one
-    length = int(_allgather(np.array([len(blob)], np.int32)).max())
-  buf = np.zeros(max(length, 1), np.uint8)
-  buf[: len(blob)] = np.frombuffer(blob, np.uint8)
-  rows = _allgather(buf).reshape(cluster.num_processes, -1)
+  try:
+    with _stdout_to_stderr():  # the first collective may be this one
+      length = int(_allgather(np.array([len(blob)], np.int32)).max())
+    buf = np.zeros(max(length, 1), np.uint8)
+    buf[: len(blob)] = np.frombuffer(blob, np.uint8)
+    rows = _allgather(buf).reshape(cluster.num_processes, -1)
+  except (RuntimeError, ValueError) as e:  # Gloo: "Connection closed by peer" when one died
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise LostProcessError(
+      f"lost another process of the run ({first}): it stopped or crashed; start every process again"
+    ) from None
   return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
 
 
