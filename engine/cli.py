@@ -174,6 +174,12 @@ def user_errors():
   """
   try:
     yield
+  except distributed.LostProcessError as e:
+    # JAX's exit handler would wait for the lost process's heartbeat timeout, then abort.
+    print(f"error: {e}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

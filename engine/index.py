@@ -3,11 +3,16 @@ r"""Indexes a photo folder, incrementally.
   python -m engine.index --images=DIR --index=DIR [--weights=...] [--descriptor=gem]
       [--dtype=int8] [--batch_size=16] [--prune] [--compact] [--statistics=none|center|whiten:DIM]
   python -m engine.index --index=DIR --compact
+  python -m engine.index --images=DIR --index=DIR --coordinator_address=HOST:PORT \
+      --num_processes=N --process_id=P   (one per process or host)
 
 Walks DIR recursively (symlink loops are visited once), picks images by content as well as by
 extension, extracts only new or changed files and commits every --commit_every images: an
 interrupted run (Ctrl-C, kill, power loss) resumes from its last commit. Ends with a summary;
 files that could not be indexed are listed with their reason in INDEX/last_run_failures.tsv.
+With the distributed flags, N processes (jax.distributed) each extract a share of the new and
+changed files into a staging index of their own, and process 0 adds them all to the index and
+reports; an interrupted run's staging indexes are folded in by the next run.
 Exit code 0 when the run finished (even with skipped files), 1 when nothing could be done.
 """
 
@@ -18,7 +23,7 @@ import sys
 from absl import app, flags
 
 from engine import cli, store
-from engine.app import extraction, indexing, watch
+from engine.app import extraction, indexing, process_indexing, watch
 from engine.common import textio
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images (recursive) or one image file.")
@@ -64,6 +69,7 @@ _REPORT = flags.DEFINE_string(
 )
 cli.define_descriptor_flags("gem", "Descriptor for a new index.")
 cli.define_extractor_flags()
+cli.define_distributed_flags()
 flags.adopt_module_key_flags(cli)
 flags.mark_flag_as_required("index")
 
@@ -82,16 +88,16 @@ def main(argv):
     if _IMAGES.value is None:
       _compact()
       return
+    cluster = cli.join_cluster(_INDEX.value)
+    if cluster.distributed and _WATCH.value:
+      raise cli.UserError("--watch runs in one process: leave out the distributed flags")
     extractor = extraction.for_index(
       _INDEX.value,
       cli.settings(),
       descriptor=cli.descriptor(),
       explicit=cli.explicit_settings(),
     )
-    result = indexing.index_folder(
-      _IMAGES.value,
-      _INDEX.value,
-      extractor,
+    options = dict(
       dtype=None if flags.FLAGS["dtype"].using_default_value else _DTYPE.value,
       prune=_PRUNE.value,
       commit_every=_COMMIT_EVERY.value,
@@ -99,10 +105,24 @@ def main(argv):
       statistics=_STATISTICS.value,
       relearn_statistics=_RELEARN.value,
     )
+    if cluster.distributed:
+      result = process_indexing.index_folder(
+        _IMAGES.value, _INDEX.value, extractor, cluster, **options
+      )
+      if cluster.process_id != 0:
+        return  # process 0 adds every process's share to the index and reports the run
+      print(
+        f"{cluster.num_processes} processes; process 0 added their {result.indexed} images to "
+        f"the index in {result.merge_seconds:.2f} s"
+      )
+    else:
+      result = indexing.index_folder(_IMAGES.value, _INDEX.value, extractor, **options)
     for path, reason in result.failed[:20]:
       print(f"skipped {textio.escape(path)}: {textio.escape(reason)}")
     if len(result.failed) > 20:
       print(f"... and {len(result.failed) - 20} more (see the failures file)")
+    if result.recovered:
+      print(f"recovered {result.recovered} images an interrupted run had extracted")
     if result.statistics:
       print(result.statistics)
     label = " [RANDOM weights, not ImageNet]" if extractor.weights_info.is_random else ""

@@ -28,6 +28,11 @@ class DistributedError(UserError):
   """The processes of a run cannot meet, or were started differently."""
 
 
+class LostProcessError(DistributedError):
+  """Another process of the run stopped in the middle of it. JAX's own shutdown then waits for its
+  heartbeat timeout and aborts, so binaries end at once (`engine.cli.user_errors`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Cluster:
   """This process's place in the run: process `process_id` of `num_processes`."""
@@ -112,6 +117,25 @@ def _stdout_to_stderr():
     os.close(saved)
 
 
+def gather_json(cluster: Cluster, value) -> list:
+  """Every process's JSON-able `value`, in process order, on every process (a barrier too)."""
+  if not cluster.distributed:
+    return [value]
+  blob = json.dumps(value, sort_keys=True).encode()
+  try:
+    with _stdout_to_stderr():  # the first collective may be this one
+      length = int(_allgather(np.array([len(blob)], np.int32)).max())
+    buf = np.zeros(max(length, 1), np.uint8)
+    buf[: len(blob)] = np.frombuffer(blob, np.uint8)
+    rows = _allgather(buf).reshape(cluster.num_processes, -1)
+  except (RuntimeError, ValueError) as e:  # Gloo: "Connection closed by peer" when one died
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise LostProcessError(
+      f"lost another process of the run ({first}): it stopped or crashed; start every process again"
+    ) from None
+  return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+
+
 def agree(cluster: Cluster, values: Mapping[str, str]) -> None:
   """Refuses (on every process) to go on unless every process was given the same `values`.
 
@@ -120,13 +144,7 @@ def agree(cluster: Cluster, values: Mapping[str, str]) -> None:
   """
   if not cluster.distributed:
     return
-  blob = json.dumps(dict(values), sort_keys=True).encode()
-  with _stdout_to_stderr():  # the first collective
-    length = int(_allgather(np.array([len(blob)], np.int32)).max())
-  buf = np.zeros(length, np.uint8)
-  buf[: len(blob)] = np.frombuffer(blob, np.uint8)
-  rows = _allgather(buf).reshape(cluster.num_processes, length)
-  seen = [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+  seen = gather_json(cluster, dict(values))
   diffs = []
   for name in sorted(set().union(*seen)):
     vals = [s.get(name) for s in seen]

@@ -35,6 +35,10 @@ class IndexReport:
     pruned: keys removed because their files vanished (with prune=True).
     seconds: wall time of the run.
     statistics: what happened to the collection statistics (None: nothing to do).
+    recovered: images an interrupted multi-process run had extracted, added to the index by this
+      run before it looked for work (they then count as unchanged).
+    merge_seconds: multi-process runs: the time process 0 spent adding the processes' staging
+      indexes to the index.
   """
 
   indexed: int = 0
@@ -43,6 +47,8 @@ class IndexReport:
   pruned: int = 0
   seconds: float = 0.0
   statistics: str | None = None
+  recovered: int = 0
+  merge_seconds: float = 0.0
 
   @property
   def images_per_second(self) -> float:
@@ -234,99 +240,142 @@ def index_folder(
   found = list(walk.find_images(root_abs))
   idx = open_or_create(index_path, extractor, dtype, statistics)
   try:
-    todo: list[str] = []
-    known: dict[str, store.FileStat] = {}
-    restat: list[tuple[str, store.FileStat]] = []
-    for item in found:
-      if item.error:
-        report.failed.append((item.path, item.error))
-        continue
-      old = idx.get_file_stat(item.path)
-      if old is None:
-        todo.append(item.path)
-        continue
-      try:
-        st = os.stat(item.path)
-      except OSError as e:
-        report.failed.append((item.path, f"cannot stat: {e.strerror}"))
-        continue
-      if st.st_size == old.size and st.st_mtime_ns == old.mtime_ns:
-        report.unchanged += 1
-        continue
-      new = stat_of(item.path)
-      if new.sha256 == old.sha256:
-        restat.append((item.path, new))
-        report.unchanged += 1
-      else:
-        known[item.path] = new
-        todo.append(item.path)
+    todo, known, restat = plan(idx, found, report)
     if restat:
       idx.update_file_stats(dict(restat))
-
-    meter = Progress(len(todo)) if progress and todo else None
-    pending_vecs: list[np.ndarray] = []
-    pending_keys: list[str] = []
-    pending_stats: list[store.FileStat] = []
-
-    def commit():
-      if not pending_keys:
-        return
-      idx.add(np.stack(pending_vecs), list(pending_keys), files=list(pending_stats))
-      report.indexed += len(pending_keys)
-      pending_vecs.clear()
-      pending_keys.clear()
-      pending_stats.clear()
-      if on_commit:
-        on_commit(report.indexed)
-
-    stale: list[str] = []  # changed files that no longer decode: their old rows are wrong now
-    try:
-      done = 0
-      for pos, feat, err in extractor.iter_paths(todo):
-        path = todo[pos]
-        done += 1
-        if feat is None:
-          report.failed.append((path, err))
-          if path in known:
-            stale.append(path)
-        else:
-          try:
-            st = known.get(path) or stat_of(path)
-          except OSError as e:
-            report.failed.append((path, f"cannot read: {e.strerror}"))
-            continue
-          pending_vecs.append(feat)
-          pending_keys.append(path)
-          pending_stats.append(st)
-          if len(pending_keys) >= commit_every:
-            commit()
-        if meter:
-          meter.update(done)
-      commit()
-      if stale:
-        idx.delete(stale)
-    except KeyboardInterrupt:
-      commit()
-      raise
-    if meter:
-      meter.update(done, force=True)
-
+    stale = extract_into(
+      idx, todo, known, extractor, report, commit_every, progress=progress, on_commit=on_commit
+    )
+    if stale:
+      idx.delete(stale)
     if prune:
-      present = {item.path for item in found}
-      prefix = root_abs.rstrip(os.sep) + os.sep
-      gone = [k for k in idx.keys() if (k == root_abs or k.startswith(prefix)) and k not in present]
-      gone = [k for k in gone if not os.path.exists(k)]
-      if gone:
-        idx.delete(gone)
-      report.pruned = len(gone)
+      report.pruned = prune_vanished(idx, root_abs, found)
     report.statistics = refresh_statistics(idx, statistics, relearn_statistics)
   finally:
     idx.close()
     report.seconds = time.monotonic() - t0
-    report_path = report_path or os.path.join(index_path, "last_run_failures.tsv")
-    data = textio.encode([[p, r] for p, r in report.failed])  # one line per file, always
-    try:
-      atomic_write(report_path, lambda f: f.write(data))
-    except OSError:
-      pass
+    write_failures(report_path or os.path.join(index_path, "last_run_failures.tsv"), report.failed)
   return report
+
+
+def write_failures(path: str, failed: list[tuple[str, str]]) -> None:
+  """Writes the failures file (path<TAB>reason, one line per file); a write error is not fatal."""
+  data = textio.encode([[p, r] for p, r in failed])  # one line per file, always
+  try:
+    atomic_write(path, lambda f: f.write(data))
+  except OSError:
+    pass
+
+
+def plan(
+  idx: store.Index, found: list[walk.Found], report: IndexReport
+) -> tuple[list[str], dict[str, store.FileStat], list[tuple[str, store.FileStat]]]:
+  """What a run must do about the files `found`, given what `idx` holds.
+
+  Counts unreadable and unchanged files in `report`. Returns (todo: paths to extract, in walk
+  order; known: the new identity of each changed file in todo; restat: files whose size or time
+  changed but not their content, with their new identity).
+  """
+  todo: list[str] = []
+  known: dict[str, store.FileStat] = {}
+  restat: list[tuple[str, store.FileStat]] = []
+  for item in found:
+    if item.error:
+      report.failed.append((item.path, item.error))
+      continue
+    old = idx.get_file_stat(item.path)
+    if old is None:
+      todo.append(item.path)
+      continue
+    try:
+      st = os.stat(item.path)
+    except OSError as e:
+      report.failed.append((item.path, f"cannot stat: {e.strerror}"))
+      continue
+    if st.st_size == old.size and st.st_mtime_ns == old.mtime_ns:
+      report.unchanged += 1
+      continue
+    new = stat_of(item.path)
+    if new.sha256 == old.sha256:
+      restat.append((item.path, new))
+      report.unchanged += 1
+    else:
+      known[item.path] = new
+      todo.append(item.path)
+  return todo, known, restat
+
+
+def extract_into(
+  idx: store.Index,
+  todo: list[str],
+  known: dict[str, store.FileStat],
+  extractor: Extractor,
+  report: IndexReport,
+  commit_every: int,
+  *,
+  progress: bool = True,
+  on_commit: Callable[[int], None] | None = None,
+) -> list[str]:
+  """Extracts `todo` into `idx`, committing every `commit_every` images (and what is pending on
+  KeyboardInterrupt); counts them and the failures in `report`.
+
+  Returns:
+    The changed files (in `known`) that no longer decode: their old rows are wrong now.
+  """
+  meter = Progress(len(todo)) if progress and todo else None
+  pending_vecs: list[np.ndarray] = []
+  pending_keys: list[str] = []
+  pending_stats: list[store.FileStat] = []
+
+  def commit():
+    if not pending_keys:
+      return
+    idx.add(np.stack(pending_vecs), list(pending_keys), files=list(pending_stats))
+    report.indexed += len(pending_keys)
+    pending_vecs.clear()
+    pending_keys.clear()
+    pending_stats.clear()
+    if on_commit:
+      on_commit(report.indexed)
+
+  stale: list[str] = []
+  done = 0
+  try:
+    for pos, feat, err in extractor.iter_paths(todo):
+      path = todo[pos]
+      done += 1
+      if feat is None:
+        report.failed.append((path, err))
+        if path in known:
+          stale.append(path)
+      else:
+        try:
+          st = known.get(path) or stat_of(path)
+        except OSError as e:
+          report.failed.append((path, f"cannot read: {e.strerror}"))
+          continue
+        pending_vecs.append(feat)
+        pending_keys.append(path)
+        pending_stats.append(st)
+        if len(pending_keys) >= commit_every:
+          commit()
+      if meter:
+        meter.update(done)
+    commit()
+  except KeyboardInterrupt:
+    commit()
+    raise
+  if meter:
+    meter.update(done, force=True)
+  return stale
+
+
+def prune_vanished(idx: store.Index, root_abs: str, found: list[walk.Found]) -> int:
+  """Tombstones indexed keys under `root_abs` whose files vanished; returns how many."""
+  present = {item.path for item in found}
+  prefix = root_abs.rstrip(os.sep) + os.sep
+  gone = [k for k in idx.keys() if (k == root_abs or k.startswith(prefix)) and k not in present]
+  gone = [k for k in gone if not os.path.exists(k)]
+  if gone:
+    idx.delete(gone)
+  return len(gone)
