@@ -189,3 +189,11 @@ def test_shared_formats_decode_or_skip_with_reason():
   if corrupt:
     with pytest.raises(images.ImageError):
       images.load(data / "mixed_images" / "ukbench09268_corrupt.jpg", SQUASH)
+
+
+def test_unrecognised_bytes_in_memory_fail_with_the_reason():
+  """An upload (a BytesIO) that is no image fails like a file does, not with a crash."""
+  import io
+
+  with pytest.raises(images.ImageError, match="not a recognised image format"):
+    images.load(io.BytesIO(b"not an image at all"), Preprocessing("torch", "squash", 32))

@@ -62,9 +62,15 @@ _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b
 def _unrecognised(path: str | os.PathLike) -> str:
   """The reason for a file Pillow does not recognise: HEIC/HEIF without its extra is named."""
   try:
-    with open(path, "rb") as f:
-      head = f.read(12)
-  except OSError:
+    if hasattr(path, "read"):  # an upload's BytesIO, or any open binary file
+      pos = path.tell()
+      path.seek(0)
+      head = path.read(12)
+      path.seek(pos)
+    else:
+      with open(path, "rb") as f:
+        head = f.read(12)
+  except (OSError, ValueError):
     head = b""
   if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS and not register_optional_formats():
     return "HEIC/HEIF photo: install the heif extra (pip install pillow-heif) to read it"
