@@ -13,7 +13,6 @@ compacted.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from bench.machine import cpu_model
 from engine.common.fileio import atomic_write_json
 from engine.store import Index, segments
 
@@ -31,17 +31,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed runs per figure.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
 
 SCENARIOS = {"100 commits x 256 rows": (100, 256), "1000 commits x 1 row": (1000, 1)}
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def build(path, x, commits, rows, *, merge: bool, compact: bool) -> int:

@@ -18,7 +18,6 @@ more), not a speed-up; on several hosts each process brings its own cores.
 from __future__ import annotations
 
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -32,6 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from bench.machine import cpu_model
 from engine.app import sample
 from engine.common.fileio import atomic_write_json
 
@@ -47,17 +47,6 @@ _MODEL_ARGS = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 _MERGE_RE = re.compile(r"added their (\d+) images to the index in ([0-9.]+) s")
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 def _free_port() -> int:
@@ -140,7 +129,7 @@ def main(argv):
     shutil.rmtree(work, ignore_errors=True)
   one = rows[0]["wall_s"]
   print(
-    f"\nengine.index on {_cpu_model()} ({len(os.sched_getaffinity(0))} cores shared by all processes), "
+    f"\nengine.index on {cpu_model()} ({len(os.sched_getaffinity(0))} cores shared by all processes), "
     f"{_PHOTOS.value} photos, {_MODEL_ARGS.value}, --commit_every={_COMMIT_EVERY.value}, "
     f"median of {_REPEATS.value}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
@@ -153,7 +142,7 @@ def main(argv):
   if _OUTPUT.value:
     meta = {
       "date": time.strftime("%Y-%m-%d"),
-      "cpu": _cpu_model(),
+      "cpu": cpu_model(),
       "photos": _PHOTOS.value,
       "model_args": _MODEL_ARGS.value,
     }

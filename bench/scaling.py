@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -42,6 +41,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from bench.machine import cpu_model
 from engine.common.fileio import atomic_write_json
 from engine.kernels import native
 
@@ -134,17 +134,6 @@ def plot(rows: list[dict], path: str, meta: dict) -> str | None:
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -293,7 +282,7 @@ def scale_out() -> None:
     if not _WORKDIR.value:
       shutil.rmtree(workdir, ignore_errors=True)
   print(
-    f"\nscale-out on {_cpu_model()} ({len(os.sched_getaffinity(0))} cores shared by all "
+    f"\nscale-out on {cpu_model()} ({len(os.sched_getaffinity(0))} cores shared by all "
     f"devices/processes), N = {n:,}, D = {d}, Q = {q}, k = {k}, median of {reps}; "
     f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
@@ -312,7 +301,7 @@ def scale_out() -> None:
       f"{merge * 1e3:9.2f}"
     )
   if _OUTPUT.value:
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_model(), "n": n, "d": d, "q": q}
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "n": n, "d": d, "q": q}
     atomic_write_json(_OUTPUT.value, {"meta": meta, "rows": rows})
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
+from bench.machine import cpu_line
 from engine.common.fileio import atomic_write_json
 from engine.features.descriptors import Whitening
 from engine.kernels import native, streaming
@@ -126,21 +126,6 @@ def peak_gflops() -> dict:
   if native.available():  # the instruction ceiling of the native int8 path, all cores at once
     out[f"native_int8_{native.isa('int8')}"] = native.int8_peak_gops(len(os.sched_getaffinity(0)))
   return out
-
-
-def cpu_line() -> str:
-  """The CPU model and the extensions the kernels care about (AVX2, AVX-512 VNNI/BF16, AMX)."""
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-    model = names[0] if names else model
-  except OSError:
-    pass
-  flags = native.cpu_flags()
-  wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-  have = [f for f in wanted if f in flags] or ["none of " + ", ".join(wanted)]
-  return f"CPU: {model}, {os.cpu_count()} logical CPUs; {' '.join(have)}"
 
 
 def read_gbps(nbytes: int = 1 << 30) -> float:

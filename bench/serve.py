@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from bench.machine import cpu_flags, cpu_model
 from engine import store
 from engine.app import extraction, sample
 from engine.common.fileio import atomic_write_json
@@ -51,30 +52,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "The server's batch size.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          have = set(line.split(":", 1)[1].split())
-          wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"]
-          return " ".join(w for w in wanted if w in have)
-  except OSError:
-    pass
-  return ""
 
 
 def build_index(path: str, rows: int, config: str) -> None:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
 
+from bench.machine import cpu_model
 from engine import store
 from engine.app import extraction, indexing
 from engine.common.fileio import atomic_write_json
@@ -123,23 +123,12 @@ def speed(n: int, repeats: int, d: int = 512) -> dict:
   return out
 
 
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _SPEED_ROWS.value:
     res = speed(_SPEED_ROWS.value, _REPEATS.value)
-    print(f"# {_cpu()}, {os.cpu_count()} CPUs; N={_SPEED_ROWS.value}, D=512, int8, k=10")
+    print(f"# {cpu_model()}, {os.cpu_count()} CPUs; N={_SPEED_ROWS.value}, D=512, int8, k=10")
     print("| statistics | first search after open, Q=1 (s) | Q=1 (ms) | Q=100 (ms) | Q=1 x raw |")
     print("|---|---|---|---|---|")
     for policy, r in res.items():
@@ -149,7 +138,9 @@ def main(argv):
         f"| {ratio:.2f} |"
       )
     if _OUTPUT.value:
-      atomic_write_json(_OUTPUT.value, {"speed": res, "rows": _SPEED_ROWS.value, "cpu": _cpu()})
+      atomic_write_json(
+        _OUTPUT.value, {"speed": res, "rows": _SPEED_ROWS.value, "cpu": cpu_model()}
+      )
     return
   if not _SAMPLE.value:
     raise app.UsageError("--sample (or --speed_rows) is required")
@@ -165,7 +156,7 @@ def main(argv):
     indexing.index_folder(os.path.join(sample, part), path, extractor, progress=False)
   policies = ["none", "center", _WHITEN.value]
   res = measure(idx_paths["photos"], idx_paths["queries"], truth, policies)
-  print(f"# {_cpu()}; {_DESCRIPTOR.value}, {_WEIGHTS.value}")
+  print(f"# {cpu_model()}; {_DESCRIPTOR.value}, {_WEIGHTS.value}")
   print("| statistics | distinct median | distinct p99 | copy-original median | p01 | top-1 |")
   print("|---|---|---|---|---|---|")
   for policy, r in res.items():

@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from bench.machine import cpu_line
+
 CANDIDATES = {
   "default": "",
   "ynn fusion off": "--xla_cpu_experimental_ynn_fusion_type=",
@@ -60,21 +62,6 @@ for q in (1, 100):
   out[f"topk_f32_q{q}_per_s"] = q / statistics.median(times)
 print("RESULT " + json.dumps(out))
 """
-
-
-def cpu_line() -> str:
-  """The CPU model and its AVX2 / AVX-512 / AMX flags (as bench.search prints them)."""
-  from engine.kernels.native import cpu_flags
-
-  model = "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-  except OSError:
-    pass
-  wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-  have = [f for f in wanted if f in cpu_flags()]
-  return f"CPU: {model}, {os.cpu_count()} logical CPUs; {' '.join(have) or 'no AVX2'}"
 
 
 def _run(xla_flags: str) -> dict:
