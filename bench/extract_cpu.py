@@ -27,7 +27,7 @@ import time
 
 from absl import app, flags
 
-from bench.peers import torch_vgg16_to_fc2
+from bench.peers import native_openvino_fc2, torch_vgg16_to_fc2
 from engine.common.fileio import atomic_write_json
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8"], "Batch sizes to measure.")
@@ -62,27 +62,6 @@ def build_ours_openvino(batch, precision, cache_dir):
   return lambda: run(px)
 
 
-def build_native_openvino(batch, precision, tmpdir):
-  import numpy as np
-  import torch
-
-  from engine.features.backends import import_openvino
-
-  ov = import_openvino()
-
-  path = os.path.join(tmpdir, f"torch_vgg16_fc2_b{batch}.onnx")
-  if not os.path.exists(path):
-    torch.onnx.export(
-      torch_vgg16_to_fc2(), torch.rand(batch, 3, 224, 224), path, input_names=["x"], dynamo=False
-    )
-  core = ov.Core()
-  hint = {"fp32": "f32", "bf16": "bf16"}[precision]
-  compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": hint})
-  request = compiled.create_infer_request()
-  x = np.random.default_rng(0).random((batch, 3, 224, 224), np.float32)
-  return lambda: request.infer({0: x}, share_inputs=True)[0]
-
-
 def build_torch(batch, precision):
   import torch
 
@@ -113,7 +92,7 @@ def build(key, batch, tmpdir):
   if key.startswith("ours_ov_"):
     return build_ours_openvino(batch, key[-4:], os.path.join(tmpdir, "exported"))
   if key.startswith("native_ov_"):
-    return build_native_openvino(batch, key[-4:], tmpdir)
+    return native_openvino_fc2(batch, key[-4:], tmpdir)
   if key.startswith("torch_"):
     return build_torch(batch, key[-4:])
   return build_xla(batch)

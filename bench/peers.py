@@ -25,3 +25,27 @@ def torch_vgg16_to_fc2():
   )
   torch.manual_seed(0)
   return model.eval()
+
+
+def native_openvino_fc2(batch: int, precision: str, workdir: str):
+  """One call of plain OpenVINO on a torch-exported VGG-16 to fc2 (model only), batch `batch` of
+  float32 NCHW at 224: the native peer of the extraction benchmarks. Returns the call."""
+  import os
+
+  import numpy as np
+  import torch
+
+  from engine.features.backends import import_openvino
+
+  ov = import_openvino()
+  path = os.path.join(workdir, f"torch_vgg16_fc2_b{batch}.onnx")
+  if not os.path.exists(path):
+    torch.onnx.export(
+      torch_vgg16_to_fc2(), torch.rand(batch, 3, 224, 224), path, input_names=["x"], dynamo=False
+    )
+  core = ov.Core()
+  hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+  compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+  request = compiled.create_infer_request()
+  x = np.random.default_rng(0).random((batch, 3, 224, 224), np.float32)
+  return lambda: request.infer({0: x}, share_inputs=True)[0]

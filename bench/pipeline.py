@@ -63,27 +63,12 @@ def _median(fn, runs: int) -> tuple[float, list[float]]:
 
 def native_openvino(batch: int, precision: str, workdir: str, n: int):
   """Seconds for n images through plain OpenVINO on a torch-exported VGG-16 to fc2 (model only)."""
-  import torch
+  from bench.peers import native_openvino_fc2
 
-  from engine.features.backends import import_openvino
-
-  ov = import_openvino()
-
-  from bench.peers import torch_vgg16_to_fc2
-
-  path = os.path.join(workdir, f"torch_vgg16_fc2_b{batch}.onnx")
-  if not os.path.exists(path):
-    torch.onnx.export(
-      torch_vgg16_to_fc2(), torch.rand(batch, 3, 224, 224), path, input_names=["x"], dynamo=False
-    )
-  core = ov.Core()
-  hint = {"fp32": "f32", "bf16": "bf16"}[precision]
-  compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": hint})
-  request = compiled.create_infer_request()
-  x = np.random.default_rng(0).random((batch, 3, 224, 224), np.float32)
-  request.infer({0: x}, share_inputs=True)  # warm-up
+  one = native_openvino_fc2(batch, precision, workdir)
+  one()  # warm-up
   calls = -(-n // batch)
-  return lambda: [request.infer({0: x}, share_inputs=True) for _ in range(calls)]
+  return lambda: [one() for _ in range(calls)]
 
 
 def measure(paths: list[str], extractor, dtype: str, runs: int, model_runs: int, workdir: str):
