@@ -1,6 +1,7 @@
-"""Edges of the app layer: k beyond the size of the index, the dtype of an existing index."""
+"""Edges of the app layer: k beyond the size of the index, the dtype of an existing index, progress."""
 
 import dataclasses
+import io
 import os
 import threading
 
@@ -73,3 +74,17 @@ def test_a_thumbnail_of_a_fifo_does_not_block(tmp_path):
   t.start()
   t.join(20)
   assert done == [None]
+
+
+def test_progress_rate_counts_from_the_first_image(monkeypatch):
+  # 60 s of model building and compilation before the first image, then 2 images/s: the ETA must
+  # come from the 2 images/s, not from 2 images over 61 s.
+  clock = iter([0.0, 60.0, 61.0])
+  monkeypatch.setattr(indexing.time, "monotonic", lambda: next(clock))
+  out = io.StringIO()
+  progress = indexing.Progress(100, out, every_s=0)
+  progress.update(1)
+  progress.update(3)
+  first, second = out.getvalue().splitlines()
+  assert first == "1/100 images, ETA ?"
+  assert second == "3/100 images, 2.0 images/s, ETA 48 s"

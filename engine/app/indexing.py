@@ -77,6 +77,9 @@ class Progress:
     self.start = time.monotonic()
     self.last = 0.0
     self.done = 0
+    # The rate counts from the first finished image: before it come the model's build and
+    # compilation, which would make the first ETAs many times too long.
+    self.first: tuple[float, int] | None = None
 
   def update(self, done: int, force: bool = False) -> None:
     self.done = done
@@ -84,11 +87,14 @@ class Progress:
     if not force and now - self.last < self.every_s:
       return
     self.last = now
-    elapsed = now - self.start
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (self.total - done) / rate if rate > 0 else float("inf")
-    eta_s = f"{eta:.0f} s" if eta != float("inf") else "?"
-    line = f"{done}/{self.total} images, {rate:.1f} images/s, ETA {eta_s}"
+    if self.first is None and done > 0:
+      self.first = (now, done)
+    line = f"{done}/{self.total} images"
+    if self.first is not None and done > self.first[1] and now > self.first[0]:
+      rate = (done - self.first[1]) / (now - self.first[0])
+      line += f", {rate:.1f} images/s, ETA {(self.total - done) / rate:.0f} s"
+    elif done < self.total:
+      line += ", ETA ?"
     if self.tty:
       self.stream.write(f"\r{line}   ")
       if force:
