@@ -62,6 +62,9 @@ from engine.store import manifest as manifest_lib
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # as Host headers name them
 TOKEN_COOKIE = "vgg_retrieval_token"
 _LATENCY_WINDOW = 2048  # the latest requests the percentiles are taken over
+# The k a search asks the index for: the smallest of these (capped at max_k) that covers the
+# request, each a shape compiled at start-up.
+K_BUCKETS = (10, 100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +79,8 @@ class ServiceConfig:
     trusted_hosts: Host header values accepted (guards a loopback service against DNS
       rebinding); None accepts any.
     max_upload_bytes: largest request body.
-    max_k: largest k; every search asks the index for this many, so one shape is compiled.
+    max_k: largest k. A search asks the index for the smallest of `K_BUCKETS` (and max_k) that
+      covers its k, so a few shapes are compiled and k=10 does not pay for k=100.
     batch_window_s: how long the batcher waits for more requests after the first.
     max_batch: most queries in one extraction call (default: the extractor's batch size).
     max_pending: most `/search` requests admitted at once (reading, decoding, waiting or being
@@ -334,6 +338,7 @@ class Service:
     self._pending = threading.BoundedSemaphore(config.max_pending)
     self._pending_count = 0
     self._count_lock = threading.Lock()
+    self.k_buckets = sorted({min(b, config.max_k) for b in K_BUCKETS} | {config.max_k})
     self._warm_up()
     self._batcher = Batcher(
       self._run_batch,
@@ -373,22 +378,30 @@ class Service:
         )
     with self.index.snapshot() as idx:
       if len(idx):
-        for b in self.batch_sizes():
-          idx.search(rng.standard_normal((b, idx.dim)).astype(np.float32), k=self.config.max_k)
-        idx.search(rng.standard_normal((1, idx.dim)).astype(np.float32), k=self.config.max_k + 1)
+        for kk in self.k_buckets:
+          for b in self.batch_sizes():
+            idx.search(rng.standard_normal((b, idx.dim)).astype(np.float32), k=kk)
+          idx.search(rng.standard_normal((1, idx.dim)).astype(np.float32), k=kk + 1)
     logging.info("compiled the service's shapes in %.1f s", time.monotonic() - t0)
 
   # -- the work
 
-  def _run_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
-    """One extraction call and one search call for a batch of decoded queries."""
+  def k_bucket(self, k: int) -> int:
+    """How many results a search for the best `k` asks the index for (a compiled shape)."""
+    return next(b for b in self.k_buckets if b >= k)
+
+  def _run_batch(
+    self, items: list[tuple[np.ndarray, int]]
+  ) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
+    """One extraction call and one search call for a batch of (decoded query, k)."""
+    pixels = [p for p, _ in items]
     feats = self.extractor.extract_arrays(pixels)
     with self.index.snapshot() as idx:
       rows, gen = len(idx), idx.generation
       if not rows:
         empty = np.zeros((0,))
         return [(empty, empty, rows, gen)] * len(pixels)
-      scores, keys = idx.search(feats, k=self.config.max_k)
+      scores, keys = idx.search(feats, k=self.k_bucket(max(k for _, k in items)))
     return [(scores[i], keys[i], rows, gen) for i in range(len(pixels))]
 
   @staticmethod
@@ -410,7 +423,7 @@ class Service:
       if key not in idx.live_rows():
         return None
       vec = idx.get_vectors([key])
-      scores, keys = idx.search(vec, k=self.config.max_k + 1)  # the shape compiled at start-up
+      scores, keys = idx.search(vec, k=self.k_bucket(k) + 1)  # a shape compiled at start-up
       rows, gen = len(idx), idx.generation
     return Answer(self._matches(scores[0], keys[0], k, min_score, exclude=key), rows, gen)
 
@@ -594,7 +607,7 @@ class Service:
     k, min_score = self._k_and_min_score(request)
     with self.admitted():
       pixels = await self._query_pixels(request)
-      fut = self._batcher.submit(pixels)
+      fut = self._batcher.submit((pixels, k))
       scores, keys, rows, gen = await asyncio.wrap_future(fut)
     answer = Answer(self._matches(scores, keys, k, min_score), rows, gen)
     self.latency["search"].add(time.monotonic() - t0)
@@ -658,6 +671,23 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
   return _json({"error": exc.detail}, exc.status_code, exc.headers)
 
 
+# A refused body is read and dropped up to this many bytes before the refusal is sent: a client
+# still sending when the server closes gets a reset connection instead of the 413 (browsers and
+# urllib send the whole body first; curl asks `Expect: 100-continue` and is spared the upload).
+_DRAIN_BYTES = 64 << 20
+
+
+async def _drain(receive, received: int) -> None:
+  """Reads and drops the rest of a request body, up to `_DRAIN_BYTES` in all."""
+  while received <= _DRAIN_BYTES:
+    message = await receive()
+    if message["type"] != "http.request":
+      return
+    received += len(message.get("body", b""))
+    if not message.get("more_body", False):
+      return
+
+
 class _Guard:
   """ASGI middleware: the token on every request (constant-time compare), the body size limit,
   and headers every response carries."""
@@ -703,8 +733,11 @@ class _Guard:
     if self.token is not None and not self._authorized(scope):
       resp = _json({"error": "unauthorized"}, 401, {"WWW-Authenticate": "Bearer"})
       return await resp(scope, receive, send_headers)
-    length = dict(scope["headers"]).get(b"content-length")
+    headers = dict(scope["headers"])
+    length = headers.get(b"content-length")
     if length is not None and (not length.isdigit() or int(length) > self.max_body):
+      if length.isdigit() and b"100-continue" not in headers.get(b"expect", b"").lower():
+        await _drain(receive, 0)
       resp = _json({"error": f"the body is over the limit of {self.max_body} bytes"}, 413)
       return await resp(scope, receive, send_headers)
     received = 0
@@ -715,6 +748,8 @@ class _Guard:
       if message["type"] == "http.request":
         received += len(message.get("body", b""))
         if received > self.max_body:
+          if message.get("more_body", False):
+            await _drain(receive, received)
           raise _error(413, f"the body is over the limit of {self.max_body} bytes")
       return message
 
