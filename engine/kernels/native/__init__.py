@@ -32,6 +32,11 @@ from the cache root down is owned by this user and not writable by group or othe
 digest matches the recorded one: a torn or planted library is never dlopen'ed (`build()` rebuilds a
 mismatch).
 
+Emulation, for tests. With `VGG_RETRIEVAL_NATIVE_EMULATE=1` (or the path of SIMDe's include folder)
+on x86-64 the library is built against SIMDe instead of the CPU's intrinsics (`simd_x86.h`): every
+x86 loop, AVX-512 included, then runs on any x86-64 CPU and `paths(dtype)` lists them all, so
+tests/test_native_emulated.py checks the paths this machine's CPU lacks. Never for searches.
+
 Where no kernel can be used (another architecture, a CPU without the extensions, no library built,
 an untrusted cache, `VGG_RETRIEVAL_NATIVE=0`) `available(dtype)` is False, one WARNING line says
 why, and `engine.kernels.topk` runs XLA's products instead: same results, slower.
@@ -64,7 +69,7 @@ _HERE = Path(__file__).parent
 SOURCES = tuple(
   _HERE / name for name in ("scan_topk.cc", "scan_avx512.cc", "scan_avx2.cc", "scan_neon.cc")
 )
-HEADERS = (_HERE / "scan_topk.h",)
+HEADERS = (_HERE / "scan_topk.h", _HERE / "simd_x86.h")
 SOURCE = SOURCES[0]  # the dispatch and the FFI handlers
 # ISO C++ (no -ffast-math, no FMA contraction): scores are the same float operations on every path.
 _FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-w")
@@ -89,12 +94,36 @@ MANY_QUERIES = {
   ("bfloat16", "avx2"),
   ("float16", "avx2"),
 }
+EMULATE_ENV = "VGG_RETRIEVAL_NATIVE_EMULATE"
 _TARGETS = {"int8": INT8_TOPK, "bfloat16": BF16_TOPK, "float16": F16_TOPK}
 _HANDLERS = {"int8": "VggInt8TopK", "bfloat16": "VggBf16TopK", "float16": "VggF16TopK"}
 
 
+def simde_include() -> Path | None:
+  """SIMDe's include folder (the `cmeel-simde` wheel's, or the system's), or None."""
+  import sysconfig
+
+  given = os.environ.get(EMULATE_ENV, "")
+  places = [Path(given)] if given not in ("", "0", "1") else []
+  places += [Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "include"]
+  places += [Path("/usr/include")]
+  return next((p for p in places if (p / "simde" / "x86" / "avx512.h").is_file()), None)
+
+
+def emulated() -> bool:
+  """Whether this process builds and loads the SIMDe-emulated x86 library (tests only)."""
+  return os.environ.get(EMULATE_ENV, "0") not in ("", "0") and platform.machine().lower() in (
+    "x86_64",
+    "amd64",
+  )
+
+
 def cpu_flags() -> frozenset[str]:
-  """The CPU's feature flags as /proc/cpuinfo names them (x86 "flags", ARM "Features")."""
+  """The CPU's feature flags as /proc/cpuinfo names them (x86 "flags", ARM "Features").
+
+  Under emulation, every flag an x86 path needs: SIMDe provides them all."""
+  if emulated():
+    return frozenset().union(*(need for d in DTYPES for _, _, need in ISAS[d][:-1]))
   try:
     text = Path("/proc/cpuinfo").read_text()
   except OSError:
@@ -151,6 +180,14 @@ def _flags(cpu: frozenset[str]) -> tuple[str, ...]:
   on AArch64 the int8 loop is built with sdot only for a CPU that has it."""
   if platform.machine().lower() in ("aarch64", "arm64") and "asimddp" in cpu:
     return (*_FLAGS, "-march=armv8.2-a+dotprod")
+  if emulated():
+    include = simde_include()
+    if include is None:
+      raise RuntimeError(
+        f"{EMULATE_ENV} is set but SIMDe's headers are not installed (cmeel-simde)"
+      )
+    # -O1: SIMDe's portable loops compile several times faster, and run fast enough for tests.
+    return (*_FLAGS, "-O1", "-DVGG_SCAN_EMULATE", f"-I{include}")
   return _FLAGS
 
 

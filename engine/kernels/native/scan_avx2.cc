@@ -8,7 +8,7 @@
 // and calls these only on a CPU that has the extensions.
 
 #if defined(__x86_64__)
-#include <immintrin.h>
+#include "simd_x86.h"
 
 #include <cstring>
 #include <type_traits>
@@ -18,7 +18,7 @@
 namespace vgg_scan {
 namespace {
 
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX2_TARGET VGG_TARGET("avx2,fma,f16c")
 
 // Bytes [j, j + 32) of a row of `bytes` bytes (a multiple of 4); zeros past its end.
 AVX2_TARGET inline __m256i LoadRow32(const uint8_t* p, int64_t j, int64_t bytes) {
@@ -370,7 +370,9 @@ AVX2_TARGET double Avx2Peak(int64_t iters) {
   __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
   for (int64_t i = 0; i < iters; ++i) {
     // Opaque operands each time: the products must not be computed once and hoisted.
+#if !defined(VGG_SCAN_EMULATE)  // SIMDe's vectors are not registers
     __asm__ volatile("" : "+x"(a), "+x"(b0), "+x"(b1), "+x"(b2), "+x"(b3), "+x"(b4), "+x"(b5));
+#endif
     c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b0), ones));
     c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b1), ones));
     c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b2), ones));

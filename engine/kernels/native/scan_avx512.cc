@@ -10,7 +10,7 @@
 // and calls these only on a CPU that has the extensions.
 
 #if defined(__x86_64__)
-#include <immintrin.h>
+#include "simd_x86.h"
 
 #include <cstring>
 
@@ -24,8 +24,8 @@ static_assert(kMaxTiles == 4, "ScanMany dispatches groups of 1 to 4 tiles");
 
 // The kernels are compiled for these extensions and only called after a runtime check of the one
 // their element type needs (VNNI for int8, BF16 for bfloat16).
-#define KERNEL_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512bf16")))
-#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define KERNEL_TARGET VGG_TARGET("avx512f,avx512bw,avx512vnni,avx512bf16")
+#define VNNI_TARGET VGG_TARGET("avx512f,avx512bw,avx512vnni")
 
 // One element type: how 4 bytes of a row meet 4 bytes of a packed query.
 struct Int8 {
@@ -261,8 +261,10 @@ VNNI_TARGET double VnniPeak(int64_t iters) {
     c9 = _mm512_dpbusd_epi32(c9, a, b);
     c10 = _mm512_dpbusd_epi32(c10, a, b);
     c11 = _mm512_dpbusd_epi32(c11, a, b);
+#if !defined(VGG_SCAN_EMULATE)  // SIMDe's vectors are not registers
     __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5), "+v"(c6),
                      "+v"(c7), "+v"(c8), "+v"(c9), "+v"(c10), "+v"(c11));
+#endif
   }
   const __m512i s0 = _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3));
   const __m512i s1 = _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7));

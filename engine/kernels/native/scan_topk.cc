@@ -54,7 +54,10 @@ struct Shared {
   }
 };
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(VGG_SCAN_EMULATE)
+// Built against SIMDe (simd_x86.h): every x86 loop runs on any x86-64 CPU, for the tests.
+int IsaMask(int dtype) { return dtype >= 0 && dtype <= 2 ? 1 << kIsaAvx2 | 1 << kIsaAvx512 : 0; }
+#elif defined(__x86_64__)
 bool Avx512Bw() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
