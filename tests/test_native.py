@@ -182,6 +182,117 @@ def test_vmap_over_query_batches(built):
     np.testing.assert_array_equal(np.asarray(s[b]), np.asarray(sb))
 
 
+def _fma32(a, b, c):
+  """float32 a * b + c with one rounding: the product of two float32 is exact in float64, the sum
+  rounds once to float64 and again to float32 (a double rounding that differs from a true FMA
+  with probability ~2**-29 per element)."""
+  return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+RANK_ONE_Q = [1, 3, 9, 40, 100]  # few-query loop, one and two tiles of 8 / 16, many tiles
+
+
+def _rank_one_inputs(rng, n, q):
+  scale = rng.uniform(0.5, 1.5, n).astype(np.float32)
+  qmul = rng.uniform(0.5, 1.5, q).astype(np.float32)
+  bias = np.where(rng.random(n) < 0.15, -np.inf, 0.0).astype(np.float32)  # tombstones, filters
+  qoff = rng.normal(0, 0.3, q).astype(np.float32)
+  weight = rng.uniform(0.2, 3.0, n).astype(np.float32)
+  return scale, qmul, bias, qoff, weight
+
+
+@pytest.mark.parametrize("q", RANK_ONE_Q)
+@pytest.mark.parametrize("isa", INT8_PATHS)
+def test_int8_rank_one_term_is_exact(built, isa, q):
+  # fma(dot * scale, qmul, qoff * weight) + bias in float32, on every loop: exact scores, exact
+  # ranking (ties to the lower row).
+  _need("int8", isa, q)
+  rng = np.random.default_rng(100 + q)
+  n, d, k = 4500, 132, 12
+  m8 = rng.integers(-128, 128, (n, d), dtype=np.int8)
+  q8 = rng.integers(-127, 128, (q, d), dtype=np.int8)
+  scale, qmul, bias, qoff, weight = _rank_one_inputs(rng, n, q)
+  fn = jax.jit(
+    lambda *a: native.scan_topk(*a[:5], k=k, query_offset=a[5], row_weight=a[6], isa=isa)
+  )
+  vals, ids = (np.asarray(a) for a in fn(q8, m8, scale, qmul, bias, qoff, weight))
+  dot = (q8.astype(np.int64) @ m8.astype(np.int64).T).astype(np.float32)
+  ref = _fma32(dot * scale[None], qmul[:, None], qoff[:, None] * weight[None]) + bias[None]
+  ref_vals, ref_ids = _reference(ref, k)
+  np.testing.assert_array_equal(ids, ref_ids)
+  np.testing.assert_array_equal(vals, ref_vals)
+
+
+@pytest.mark.parametrize("q", RANK_ONE_Q)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_float_rank_one_term_against_float64(built, dtype, q):
+  rng = np.random.default_rng(200 + q)
+  n, d, k = 4500, 96, 10
+  rows = clustered(rng, n, d, 40)
+  m = rows.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+  queries = rng.standard_normal((q, d)).astype(np.float32)
+  scale, qmul, bias, qoff, weight = _rank_one_inputs(rng, n, q)
+  for isa in native.paths(dtype):
+    if not native.available(dtype, q) or native._path_for(dtype, q, isa) != isa:
+      continue  # this path serves few queries
+    vals, ids = (
+      np.asarray(a)
+      for a in native.scan_topk(
+        queries, m, scale, qmul, bias, k, query_offset=qoff, row_weight=weight, isa=isa
+      )
+    )
+    rounded = q > native.FEW_QUERIES and isa == "avx512-bf16"  # batches round queries to bf16
+    qref = queries.astype(ml_dtypes.bfloat16).astype(np.float32) if rounded else queries
+    exact = (qref.astype(np.float64) @ m.astype(np.float64).T) * scale * qmul[:, None]
+    exact += bias + qoff[:, None].astype(np.float64) * weight
+    tol = 1e-2 if rounded else 1e-4
+    np.testing.assert_allclose(vals, np.take_along_axis(exact, ids, 1), atol=tol)
+    assert np.all(vals[:, -1] >= -np.sort(-exact, axis=1)[:, k - 1] - tol)
+    assert not np.isin(ids, np.flatnonzero(bias == -np.inf)).any()
+
+
+@pytest.mark.parametrize("q", RANK_ONE_Q)
+@pytest.mark.parametrize(
+  "dtype,method", [("int8", "int8"), ("bfloat16", "bf16"), ("float16", "f32")]
+)
+def test_topk_with_statistics_runs_the_kernel_for_batches(built, dtype, method, q):
+  # `topk` with a rank-one term takes the native kernel for any Q the kernel serves (it used to
+  # send batches to XLA) and agrees with XLA's path: int8 to an ulp (XLA contracts one product or
+  # the other into an FMA), floats to the rounding of their products.
+  if not topk_lib._uses_native(method, jax.numpy.dtype(dtype), q, 64):
+    pytest.skip(f"no native {dtype} kernel for {q} queries here ({native.status()})")
+  rng = np.random.default_rng(300 + q)
+  x = clustered(rng, 6000, 64, 60)
+  if dtype == "int8":
+    m, scales = quantize_int8(x)
+  else:
+    m = x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+    scales = rng.uniform(0.5, 2.0, len(x)).astype(np.float32)
+  queries = x[rng.integers(0, len(x), q)] + 0.05 * rng.standard_normal((q, 64)).astype(np.float32)
+  valid = rng.random(len(x)) > 0.25
+  qoff = rng.normal(0, 0.5, q).astype(np.float32)
+  weight = rng.uniform(0.5, 2.0, len(x)).astype(np.float32)
+  kw = dict(scales=scales, valid=valid, query_offset=qoff, row_weight=weight)
+  target = native._TARGETS[dtype]
+  assert target in str(
+    jax.make_jaxpr(lambda *a: topk_lib.topk(*a, 10, method=method, **kw))(queries, m)
+  )
+  a = topk_lib.topk(queries, m, 10, method=method, **kw)
+  b = topk_lib.topk(queries, m, 10, method=f"{method}-xla", **kw)
+  if dtype == "int8":
+    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-6, atol=1e-6)
+    same = np.asarray(a[1]) == np.asarray(b[1])
+    assert same.mean() >= 0.98  # the others: near ties, swapped by an ulp
+  else:  # the XLA bf16 product rounds the queries to bf16; the kernel keeps them float32
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = (qn.astype(np.float64) @ m.astype(np.float64).T) * scales + qoff[:, None] * weight
+    exact[:, ~valid] = -np.inf
+    got = np.take_along_axis(exact, np.asarray(a[1]), 1)
+    np.testing.assert_allclose(np.asarray(a[0]), got, rtol=1e-5, atol=1e-5)
+    assert np.all(got[:, -1] >= -np.sort(-exact, axis=1)[:, 9] - 1e-5)
+  assert not np.isin(np.asarray(a[1]), np.flatnonzero(~valid)).any()
+
+
 @pytest.mark.parametrize("isa", BF16_PATHS)
 @pytest.mark.parametrize("q,d", [(1, 512), (3, 130), (8, 64), (17, 96), (40, 512)])
 def test_bf16_kernel_against_float64(built, isa, q, d):

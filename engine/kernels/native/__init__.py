@@ -368,9 +368,21 @@ def paths(dtype: str) -> list[str]:
   return list(_load().paths.get(dtype, []))
 
 
-def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = None):
+def scan_topk(
+  queries,
+  matrix,
+  scales,
+  qmul,
+  bias,
+  k: int,
+  *,
+  query_offset=None,
+  row_weight=None,
+  isa: str | None = None,
+):
   """The fused scan: the k best rows per query by `dot(queries[q], matrix[r]) * scales[r] *
-  qmul[q] + bias[r]`, ties to the lower row (an `jax.ffi.ffi_call`; works under jit and vmap).
+  qmul[q] + bias[r] + query_offset[q] * row_weight[r]`, computed in that order in float32 (no fused
+  multiply-adds), ties to the lower row (an `jax.ffi.ffi_call`; works under jit and vmap).
 
   Args:
     queries: [Q, D] int8 in [-127, 127] for an int8 matrix (as `topk` quantises them; the AVX2
@@ -378,6 +390,8 @@ def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = 
     matrix: [N, D] int8, bfloat16 or float16; D * itemsize a multiple of 4, D <= 65536.
     scales, bias: [N] float32 (bias -inf drops a row); qmul: [Q] float32.
     k: results per query, at most N.
+    query_offset, row_weight: [Q] and [N] float32, a rank-one term (collection statistics);
+      None for both: no term.
     isa: one of `paths(dtype)` to force that path; None takes the best one for Q queries.
 
   Returns:
@@ -397,13 +411,20 @@ def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = 
   path = _path_for(dtype, q, isa)
   if path is None:
     raise RuntimeError(f"no native {dtype} kernel for {q} queries here: {status()}")
+  if (query_offset is None) != (row_weight is None):
+    raise ValueError("query_offset and row_weight go together")
+  if query_offset is None:
+    query_offset = jnp.zeros((q,), jnp.float32)
+    row_weight = jnp.zeros((matrix.shape[0],), jnp.float32)
   codes = {name: code for name, code, _ in ISAS[dtype]}
   out = (
     jax.ShapeDtypeStruct((q, k), jnp.float32),
     jax.ShapeDtypeStruct((q, k), jnp.int32),
   )
   call = jax.ffi.ffi_call(_TARGETS[dtype], out, vmap_method="sequential")
-  return call(queries, matrix, scales, qmul, bias, isa=np.int64(codes[path]))
+  return call(
+    queries, matrix, scales, qmul, bias, query_offset, row_weight, isa=np.int64(codes[path])
+  )
 
 
 def int8_peak_gops(threads: int, seconds: float = 0.3) -> float:

@@ -10,6 +10,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -87,8 +88,8 @@ struct FloatAvx2 {
 
 template <int Q, class E>
 AVX2_TARGET void ScanSmallAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
-  float qm[Q];
-  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j];
+  float qm[Q], qo[Q];
+  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j], qo[j] = p.qoff[j];
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.m + r * p.row_bytes;
     typename E::Acc acc[Q];
@@ -100,9 +101,9 @@ AVX2_TARGET void ScanSmallAvx2(const Problem& p, Worker& w, int64_t r0, int64_t 
       for (int j = 0; j < Q; ++j)
         acc[j] = E::DotRow(acc[j], p.qpacked + j * p.dp + c * (E::kQBytes / 64), x);
     }
-    const float sc = p.scale[r], b = p.bias[r];
+    const float sc = p.scale[r], b = p.bias[r], wr = p.weight[r];
     for (int j = 0; j < Q; ++j) {
-      float s = E::Score(acc[j]) * sc * qm[j] + b;
+      const float s = std::fma(E::Score(acc[j]) * sc, qm[j], qo[j] * wr) + b;
       if (s >= w.thr[j]) w.heaps[j].Push(s, int32_t(r));
     }
   }
@@ -112,8 +113,10 @@ AVX2_TARGET void ScanSmallAvx2(const Problem& p, Worker& w, int64_t r0, int64_t 
 // whose threshold they reach get them.
 AVX2_TARGET inline void Emit8(const Problem& p, Worker& w, int64_t row, int64_t t, __m256 dot) {
   const __m256 sc = _mm256_set1_ps(p.scale[row]);
-  const __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(dot, sc), _mm256_loadu_ps(p.qmul + t * 8)),
-                                 _mm256_set1_ps(p.bias[row]));
+  const __m256 off = _mm256_mul_ps(_mm256_loadu_ps(p.qoff + t * 8), _mm256_set1_ps(p.weight[row]));
+  const __m256 s = _mm256_add_ps(
+      _mm256_fmadd_ps(_mm256_mul_ps(dot, sc), _mm256_loadu_ps(p.qmul + t * 8), off),
+      _mm256_set1_ps(p.bias[row]));
   int hit =
       _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_loadu_ps(w.thr.data() + t * 8), _CMP_GE_OQ));
   if (!hit) return;

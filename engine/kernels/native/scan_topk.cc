@@ -98,7 +98,8 @@ template <class Pack>
 ffi::Error ScanTopK(const char* name, const Kernel& kern, ffi::ThreadPool& pool, ffi::Span<const int64_t> qd,
                     ffi::Span<const int64_t> md, int64_t esize, const void* m,
                     ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& qmul,
-                    ffi::Buffer<ffi::F32>& bias, ffi::ResultBuffer<ffi::F32>& out_s,
+                    ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::F32>& qoff,
+                    ffi::Buffer<ffi::F32>& weight, ffi::ResultBuffer<ffi::F32>& out_s,
                     ffi::ResultBuffer<ffi::S32>& out_i, Pack pack) {
   auto od = out_s->dimensions();
   if (qd.size() != 2 || md.size() != 2 || qd[1] != md[1] || od.size() != 2 || od[0] != qd[0])
@@ -108,8 +109,10 @@ ffi::Error ScanTopK(const char* name, const Kernel& kern, ffi::ThreadPool& pool,
   if (!kern.lanes && nq > kSmallQ)
     return ffi::Error::InvalidArgument(std::string(name) + ": at most 8 queries per call");
   if (scale.element_count() != size_t(n) || bias.element_count() != size_t(n) ||
-      qmul.element_count() != size_t(nq))
-    return ffi::Error::InvalidArgument(std::string(name) + ": scale/bias need [N], qmul [Q]");
+      weight.element_count() != size_t(n) || qmul.element_count() != size_t(nq) ||
+      qoff.element_count() != size_t(nq))
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": scale/bias/weight need [N], qmul/qoff [Q]");
   if ((d * esize) % 4 != 0 || d > 65536)
     return ffi::Error::InvalidArgument(std::string(name) +
                                        ": rows must be a multiple of 4 bytes, D <= 65536");
@@ -119,6 +122,7 @@ ffi::Error ScanTopK(const char* name, const Kernel& kern, ffi::ThreadPool& pool,
   p.m = static_cast<const uint8_t*>(m);
   p.scale = scale.typed_data();
   p.bias = bias.typed_data();
+  p.weight = weight.typed_data();
   p.n = n;
   p.row_bytes = d * esize;
   p.d = d;
@@ -126,19 +130,23 @@ ffi::Error ScanTopK(const char* name, const Kernel& kern, ffi::ThreadPool& pool,
   p.k = k;
   p.tiles = (nq + 15) / 16;
   std::vector<uint8_t> packed;
-  std::vector<float> qm;
+  std::vector<float> qm, qo;
   if (nq <= kSmallQ) {
     p.dp = (p.row_bytes + 63) / 64 * kern.qbytes;
     qm.assign(qmul.typed_data(), qmul.typed_data() + nq);
+    qo.assign(qoff.typed_data(), qoff.typed_data() + nq);
   } else {
     p.dp = p.row_bytes;
     p.tiles = (nq + kern.lanes - 1) / kern.lanes;
     qm.assign(p.tiles * kern.lanes, 0.0f);
+    qo.assign(p.tiles * kern.lanes, 0.0f);
     std::copy(qmul.typed_data(), qmul.typed_data() + nq, qm.begin());
+    std::copy(qoff.typed_data(), qoff.typed_data() + nq, qo.begin());
   }
   pack(p, packed);
   p.qpacked = packed.data();
   p.qmul = qm.data();
+  p.qoff = qo.data();
 
   sh->blocks = (n + kBlockRows - 1) / kBlockRows;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), sh->blocks - 1);
@@ -227,7 +235,8 @@ static ffi::Error NoPath(const char* name, int64_t want) {
 
 static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::Buffer<ffi::S8> m,
                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
-                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> qoff,
+                           ffi::Buffer<ffi::F32> weight, ffi::ResultBuffer<ffi::F32> out_s,
                            ffi::ResultBuffer<ffi::S32> out_i, int64_t want) {
   const int64_t isa = Resolve(want, IsaMask(0));
   if (isa < 0) return NoPath("int8_topk", want);
@@ -237,9 +246,8 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
     packed.assign(p.q * p.dp, 0);
     for (int64_t j = 0; j < p.q; ++j) std::memcpy(&packed[j * p.dp], qs + j * p.d, p.d);
   };
-  return ScanTopK("int8_topk", kInt8Neon, pool,
-                  q8.dimensions(), m.dimensions(), 1, m.typed_data(), scale, qmul, bias, out_s,
-                  out_i, pack);
+  return ScanTopK("int8_topk", kInt8Neon, pool, q8.dimensions(), m.dimensions(), 1, m.typed_data(),
+                  scale, qmul, bias, qoff, weight, out_s, out_i, pack);
 #elif defined(__x86_64__)
   if (isa == kIsaAvx2) {  // signed queries; tiles of 8 for many
     auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
@@ -255,9 +263,8 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
         for (int64_t c = 0; c < d; ++c)
           packed[TileOffset(j, c, groups, 8)] = uint8_t(qs[j * d + c]);
     };
-    return ScanTopK("int8_topk", kInt8Avx2, pool,
-                    q8.dimensions(), m.dimensions(), 1, m.typed_data(), scale, qmul, bias, out_s,
-                    out_i, pack);
+    return ScanTopK("int8_topk", kInt8Avx2, pool, q8.dimensions(), m.dimensions(), 1,
+                    m.typed_data(), scale, qmul, bias, qoff, weight, out_s, out_i, pack);
   }
   // Queries as unsigned bytes (q + 128); the many-query loop wants them interleaved by 16.
   auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
@@ -274,8 +281,8 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
       for (int64_t c = 0; c < d; ++c)
         packed[TileOffset(j, c, groups)] = uint8_t(qs[j * d + c] + 128);
   };
-  return ScanTopK("int8_topk", kInt8Avx512, pool, q8.dimensions(),
-                  m.dimensions(), 1, m.typed_data(), scale, qmul, bias, out_s, out_i, pack);
+  return ScanTopK("int8_topk", kInt8Avx512, pool, q8.dimensions(), m.dimensions(), 1,
+                  m.typed_data(), scale, qmul, bias, qoff, weight, out_s, out_i, pack);
 #else
   return NoPath("int8_topk", want);
 #endif
@@ -297,21 +304,21 @@ static float FromBf16(uint16_t h) {
 
 static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> m,
                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
-                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> qoff,
+                           ffi::Buffer<ffi::F32> weight, ffi::ResultBuffer<ffi::F32> out_s,
                            ffi::ResultBuffer<ffi::S32> out_i, int64_t want) {
   const int64_t isa = Resolve(want, IsaMask(1));
   if (isa < 0) return NoPath("bf16_topk", want);
   const float* qs = q.typed_data();
 #if defined(__aarch64__)
   auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) { PackFloat(qs, p, packed); };
-  return ScanTopK("bf16_topk", kBf16Neon, pool,
-                  q.dimensions(), m.dimensions(), 2, m.typed_data(), scale, qmul, bias, out_s,
-                  out_i, pack);
+  return ScanTopK("bf16_topk", kBf16Neon, pool, q.dimensions(), m.dimensions(), 2, m.typed_data(),
+                  scale, qmul, bias, qoff, weight, out_s, out_i, pack);
 #elif defined(__x86_64__)
   if (isa == kIsaAvx2) {  // float32 queries against rows widened exactly
     auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) { PackFloat(qs, p, packed); };
-    return ScanTopK("bf16_topk", kBf16Avx2, pool, q.dimensions(),
-                    m.dimensions(), 2, m.typed_data(), scale, qmul, bias, out_s, out_i, pack);
+    return ScanTopK("bf16_topk", kBf16Avx2, pool, q.dimensions(), m.dimensions(), 2, m.typed_data(),
+                    scale, qmul, bias, qoff, weight, out_s, out_i, pack);
   }
   auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
     const int64_t nq = p.q, d = p.d;
@@ -331,8 +338,8 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     for (int64_t j = 0; j < nq; ++j)
       for (int64_t c = 0; c < d; ++c) put(TileOffset(j, 2 * c, groups), ToBf16(qs[j * d + c]));
   };
-  return ScanTopK("bf16_topk", kBf16Avx512, pool, q.dimensions(),
-                  m.dimensions(), 2, m.typed_data(), scale, qmul, bias, out_s, out_i, pack);
+  return ScanTopK("bf16_topk", kBf16Avx512, pool, q.dimensions(), m.dimensions(), 2, m.typed_data(),
+                  scale, qmul, bias, qoff, weight, out_s, out_i, pack);
 #else
   return NoPath("bf16_topk", want);
 #endif
@@ -340,7 +347,8 @@ static ffi::Error Bf16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 
 static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> m,
                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> qmul,
-                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out_s,
+                          ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> qoff,
+                          ffi::Buffer<ffi::F32> weight, ffi::ResultBuffer<ffi::F32> out_s,
                           ffi::ResultBuffer<ffi::S32> out_i, int64_t want) {
   const int64_t isa = Resolve(want, IsaMask(2));
   if (isa < 0) return NoPath("f16_topk", want);
@@ -354,20 +362,22 @@ static ffi::Error F16TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   return NoPath("f16_topk", want);
 #endif
   return ScanTopK("f16_topk", kern, pool, q.dimensions(), m.dimensions(), 2, m.typed_data(), scale,
-                  qmul, bias, out_s, out_i, pack);
+                  qmul, bias, qoff, weight, out_s, out_i, pack);
 }
 
-// The three handlers take (queries, rows, scale [N], qmul [Q], bias [N]) -> (scores, ids) [Q, k]
-// and the attribute `isa` (0: the best path here; kIsaAvx2 / kIsaAvx512: that one).
+// The three handlers take (queries, rows, scale [N], qmul [Q], bias [N], qoff [Q], weight [N]) ->
+// (scores, ids) [Q, k] and the attribute `isa` (0: the best path here; kIsa*: that one).
 template <ffi::DataType QueryType, ffi::DataType RowType>
 auto TopKBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<QueryType>>()
       .template Arg<ffi::Buffer<RowType>>()
-      .template Arg<ffi::Buffer<ffi::F32>>()
-      .template Arg<ffi::Buffer<ffi::F32>>()
-      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()  // scale
+      .template Arg<ffi::Buffer<ffi::F32>>()  // qmul
+      .template Arg<ffi::Buffer<ffi::F32>>()  // bias
+      .template Arg<ffi::Buffer<ffi::F32>>()  // qoff
+      .template Arg<ffi::Buffer<ffi::F32>>()  // weight
       .template Ret<ffi::Buffer<ffi::F32>>()
       .template Ret<ffi::Buffer<ffi::S32>>()
       .template Attr<int64_t>("isa");

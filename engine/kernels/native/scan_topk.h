@@ -2,7 +2,11 @@
 // Python's one face of it: engine/kernels/native/__init__.py (build, CPU dispatch, FFI calls).
 //
 // For every query q and row r of an int8, bfloat16 or float16 matrix it computes
-//     score[q, r] = dot(query[q], m[r]) * scale[r] * qmul[q] + bias[r]
+//     score[q, r] = fma(dot(query[q], m[r]) * scale[r], qmul[q], qoff[q] * weight[r]) + bias[r]
+// in float32, the same operations on every path: qoff * weight is a rank-one term (collection
+// statistics), zeros without one, and then the score is dot * scale * qmul + bias, bit for bit
+// XLA's int8 path. (With the term XLA's CPU fusion contracts one of the two products into an FMA,
+// which one depends on the graph: scores agree to an ulp.)
 // and keeps the k best rows per query without writing the [Q, N] scores: each worker keeps a heap
 // per query and compares a whole vector of scores against the heaps' thresholds at once, so the
 // scan runs at the speed of the products, not of the selection.
@@ -96,7 +100,9 @@ struct Problem {
   const uint8_t* m;        // [N, row_bytes]
   const float* scale;
   const float* bias;
-  const float* qmul;
+  const float* qmul;      // [Q], padded with zeros to whole tiles in the many-query layout
+  const float* qoff;      // [Q], padded like qmul
+  const float* weight;    // [N]
   const uint8_t* qpacked;  // few: [Q][kSplit][dp] bytes; many: [T][row_bytes/4][16][4]
                            // (dp: the row padded to 64 bytes, times kQBytes / 64)
   int64_t n, d, row_bytes, dp, q, tiles, k;
