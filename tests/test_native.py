@@ -22,7 +22,7 @@ from engine.kernels import native, streaming
 from engine.kernels import topk as topk_lib
 from engine.store import Index, quantize_int8
 
-INT8_PATHS = ["avx512-vnni", "avx2"]
+INT8_PATHS = ["avx512-vnni", "avx-vnni", "avx2"]
 BF16_PATHS = ["avx512-bf16", "avx2"]
 F16_PATHS = ["avx512", "avx2"]
 
@@ -416,6 +416,90 @@ def test_neon_loops_under_qemu(tmp_path, march):
   assert out.stdout.count(": ok") == 27
 
 
+@pytest.mark.skipif(
+  not (shutil.which("g++") and {"avx2", "fma", "f16c"} <= native.cpu_flags()),
+  reason="needs g++ and an AVX2 + FMA + F16C CPU",
+)
+def test_avx_vnni_loops_with_the_instruction_emulated(tmp_path):
+  # Neither this project's CPU nor qemu-x86_64 7.2 runs AVX-VNNI: the loops around the one VEX
+  # vpdpbusd (packing, row sums, tiles, rank-one term, heaps) run with it replaced by an exact AVX2
+  # equivalent, against integer references; the instruction itself is checked in the object code.
+  exe = tmp_path / "vnni_check"
+  src = native.SOURCE.with_name("vnni_check.cc")
+  flags = ["-O2", "-std=c++17", "-ffp-contract=off", "-w"]
+  include = [f"-I{jax.ffi.include_dir()}", f"-I{native.SOURCE.parent}"]
+  subprocess.run(["g++", *flags, *include, str(src), "-o", str(exe)], check=True)
+  out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert out.stdout.count(": ok") == 21, out.stdout
+
+
+# The kCpu* bits of scan_topk.h, by /proc/cpuinfo names.
+_CPU_BITS = {
+  frozenset({"avx2", "fma", "f16c"}): 1,
+  frozenset({"avx512f", "avx512bw"}): 2,
+  frozenset({"avx512_vnni"}): 4,
+  frozenset({"avx512_bf16"}): 8,
+  frozenset({"avx_vnni"}): 16,
+}
+_CPUS = {  # /proc/cpuinfo flags (the relevant ones) of CPUs this machine is not
+  "zen3": {"avx2", "fma", "f16c"},
+  "alder_lake": {"avx2", "fma", "f16c", "avx_vnni"},
+  "ice_lake": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"},
+  "sapphire_rapids": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}
+  | {"avx_vnni"},
+  "avx_only": {"avx", "sse4_2"},
+}
+_BEST_INT8 = {
+  "zen3": "avx2",
+  "alder_lake": "avx-vnni",
+  "ice_lake": "avx512-vnni",
+  "sapphire_rapids": "avx512-vnni",
+  "avx_only": None,
+}
+
+
+@pytest.mark.parametrize("cpu", sorted(_CPUS))
+def test_dispatch_is_a_function_of_the_cpu_flags(built, cpu):
+  # The Python choice (/proc/cpuinfo names) and the library's (cpuid bits) agree for each CPU.
+  flags = frozenset(_CPUS[cpu])
+  lib = native._load().lib
+  if lib is None:
+    pytest.skip(native.status())
+  bits = sum(b for names, b in _CPU_BITS.items() if names <= flags)
+  for code, dtype in enumerate(native.DTYPES):
+    mask = lib.vgg_topk_isas_for(code, bits)
+    codes = {name: c for name, c, _ in native.ISAS[dtype]}
+    names = [p for p in native.paths_for(dtype, flags) if p != "neon"]
+    assert {p for p, c in codes.items() if mask >> c & 1} == set(names), (dtype, mask)
+    if dtype == "int8":
+      assert (names or [None])[0] == _BEST_INT8[cpu]
+      if "avx_vnni" in flags:
+        assert ("int8", names[names.index("avx-vnni")]) in native.MANY_QUERIES
+  assert lib.vgg_topk_isas_for(0, lib.vgg_cpu_features()) == lib.vgg_topk_isas(0)
+
+
+@pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils)")
+def test_the_library_holds_vex_vpdpbusd_only_in_the_avx_vnni_loops(built):
+  # The AVX-VNNI loops are compiled in (VEX-encoded vpdpbusd on ymm) and no other function has
+  # the instruction in that form: an AVX2-only CPU never meets it.
+  text = subprocess.run(
+    ["objdump", "-d", "-C", "--no-show-raw-insn", str(native.library_path())],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  where, fn = {}, None
+  for line in text.splitlines():
+    if line.endswith(">:"):
+      fn = line[line.index("<") + 1 : -2]
+    elif "{vex} vpdpbusd" in line and "%ymm" in line:
+      where[fn] = where.get(fn, 0) + 1
+  assert where, "no VEX vpdpbusd in the library"
+  assert all("Vnni" in name for name in where), sorted(where)
+  assert any("VnniMicro62" in name for name in where) and any("ScanSmallVnni" in n for n in where)
+
+
 # ---- build, trust and fallback: these run on every CPU ----
 
 
@@ -442,7 +526,8 @@ def test_the_build_compiles_every_source_and_its_key_covers_each_file(monkeypatc
   # Every .cc of the package but the test program goes into the library, and a change to any
   # source or to the header names another library (a stale one is never loaded for new code).
   here = native.SOURCE.parent
-  assert {p.name for p in native.SOURCES} == {p.name for p in here.glob("*.cc")} - {"neon_check.cc"}
+  checks = {"neon_check.cc", "vnni_check.cc"}  # test programs
+  assert {p.name for p in native.SOURCES} == {p.name for p in here.glob("*.cc")} - checks
   assert {p.name for p in native.HEADERS} == {p.name for p in here.glob("*.h")}
   files = (*native.SOURCES, *native.HEADERS)
   keys = {native._key(sys.executable)}

@@ -3,7 +3,7 @@
 `scan_topk.cc` is a fused scan + top-k over int8, bfloat16 and float16 rows (see `scan_topk.h` and
 BUILD.md for why XLA's own products are not enough on CPU); the loops of each instruction set live in
 `scan_avx512.cc`, `scan_avx2.cc` and `scan_neon.cc`, all compiled by one compiler run into one
-library (`SOURCES`; `neon_check.cc` is a test program). This module is its only Python face:
+library (`SOURCES`; `neon_check.cc` and `vnni_check.cc` are test programs). This module is its only Python face:
 `scan_topk(...)` is the FFI call that `engine.kernels.topk` and the tests make, `available(dtype)`
 and `isa(dtype)` say whether and how a dtype runs natively here, `build()` compiles the library.
 
@@ -19,7 +19,8 @@ all. On x86-64 the one library holds the AVX2 and the AVX-512 loops (per-functio
 attributes, baseline code elsewhere: no file is compiled with -m flags, so no AVX-512 code reaches
 the paths an AVX2 CPU runs) and each call takes the best one the CPU has, unless `isa` names another
 (tests):
-  * int8: AVX512-VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd);
+  * int8: AVX512-VNNI (vpdpbusd), else AVX-VNNI (its VEX form on 256 bits), else AVX2
+    (vpmaddubsw + vpmaddwd);
   * bfloat16: AVX512-BF16 (vdpbf16ps), else AVX2 (rows widened by a shift, FMA);
   * float16: AVX-512 (few queries), else AVX2 + F16C (vcvtph2ps, FMA).
 On AArch64 NEON loops serve up to 8 queries (int8 with sdot when the CPU has it: the library is then
@@ -76,7 +77,12 @@ _AVX2 = frozenset({"avx2", "fma", "f16c"})
 _AVX512 = frozenset({"avx512f", "avx512bw"})
 _NEON = ("neon", 3, frozenset({"asimd"}))  # AArch64; int8 uses sdot where the CPU has asimddp
 ISAS = {
-  "int8": (("avx512-vnni", 2, _AVX512 | {"avx512_vnni"}), ("avx2", 1, _AVX2), _NEON),
+  "int8": (
+    ("avx512-vnni", 2, _AVX512 | {"avx512_vnni"}),
+    ("avx-vnni", 4, _AVX2 | {"avx_vnni"}),  # the VEX vpdpbusd (Alder Lake, Sapphire Rapids, Zen 5)
+    ("avx2", 1, _AVX2),
+    _NEON,
+  ),
   "bfloat16": (("avx512-bf16", 2, _AVX512 | {"avx512_bf16"}), ("avx2", 1, _AVX2), _NEON),
   "float16": (("avx512", 2, _AVX512), ("avx2", 1, _AVX2), _NEON),
 }
@@ -84,6 +90,7 @@ ISAS = {
 FEW_QUERIES = 8
 MANY_QUERIES = {
   ("int8", "avx512-vnni"),
+  ("int8", "avx-vnni"),
   ("int8", "avx2"),
   ("bfloat16", "avx512-bf16"),
   ("bfloat16", "avx2"),
@@ -106,8 +113,10 @@ def cpu_flags() -> frozenset[str]:
   return frozenset()
 
 
-def _paths(dtype: str, flags: frozenset[str]) -> list[str]:
-  """The instruction-set paths of `dtype` that a CPU with `flags` runs, best first."""
+def paths_for(dtype: str, flags: frozenset[str]) -> list[str]:
+  """The instruction-set paths of `dtype` that a CPU with /proc/cpuinfo `flags` runs, best first:
+  the dispatch decision as a pure function (the library's own cpuid check must agree, see
+  `_probe`; tests ask it about CPUs this machine is not)."""
   return [name for name, _, need in ISAS[dtype] if need <= flags]
 
 
@@ -222,7 +231,7 @@ def _cannot_run(flags: frozenset[str]) -> str | None:
   """Why no kernel of the library runs on this machine, or None."""
   if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
     return f"the kernels are for x86-64 and AArch64 (this machine: {platform.machine()})"
-  if not any(_paths(d, flags) for d in DTYPES):
+  if not any(paths_for(d, flags) for d in DTYPES):
     return "this CPU has neither AVX2 + FMA + F16C nor AVX-512 (nor NEON)"
   return None
 
@@ -310,7 +319,7 @@ def _probe(flags: frozenset[str]) -> _State:
     probe.restype, probe.argtypes = ctypes.c_int, [ctypes.c_int]
     mask = probe(DTYPES.index(dtype))
     codes = {name: code for name, code, _ in ISAS[dtype]}
-    paths[dtype] = [p for p in _paths(dtype, flags) if mask >> codes[p] & 1]
+    paths[dtype] = [p for p in paths_for(dtype, flags) if mask >> codes[p] & 1]
     if not paths[dtype]:
       reasons[dtype] = "this CPU lacks " + " or ".join(name.upper() for name, _, _ in ISAS[dtype])
       continue
@@ -429,7 +438,7 @@ def scan_topk(
 
 def int8_peak_gops(threads: int, seconds: float = 0.3) -> float:
   """The int8 multiply-add instruction ceiling of the path in use, `threads` cores at once, GOP/s
-  (vpdpbusd with AVX512-VNNI, vpmaddubsw + vpmaddwd with AVX2)."""
+  (vpdpbusd with AVX512-VNNI or AVX-VNNI, vpmaddubsw + vpmaddwd with AVX2)."""
   from concurrent.futures import ThreadPoolExecutor
 
   if not available("int8"):

@@ -19,6 +19,10 @@
 #include "scan_topk.h"
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 namespace ffi = xla::ffi;
 using namespace vgg_scan;  // NOLINT: this file is the library's one user of its internals
 
@@ -54,42 +58,54 @@ struct Shared {
   }
 };
 
-#if defined(__x86_64__)
-bool Avx512Bw() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-}
-
-bool Avx2Fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-}
-
-// The paths (bit kIsa*) that the kernel of dtype 0 (int8), 1 (bfloat16) or 2 (float16) has here.
-int IsaMask(int dtype) {
+// The paths (bit kIsa*) that the kernel of dtype 0 (int8), 1 (bfloat16) or 2 (float16) has on a
+// CPU with the features `cpu` (kCpu* bits): a pure function, so tests can ask about any CPU.
+int IsaMaskFor(int dtype, int cpu) {
   if (dtype < 0 || dtype > 2) return 0;
-  int mask = Avx2Fma() ? 1 << kIsaAvx2 : 0;
-  const bool ext = dtype == 0   ? __builtin_cpu_supports("avx512vnni")
-                   : dtype == 1 ? __builtin_cpu_supports("avx512bf16")
-                                : true;
-  if (Avx512Bw() && ext) mask |= 1 << kIsaAvx512;
+#if defined(__x86_64__)
+  if (!(cpu & kCpuAvx2)) return 0;  // every x86 path also runs AVX2 code (and needs AVX state)
+  int mask = 1 << kIsaAvx2;
+  const int ext = dtype == 0 ? kCpuAvx512Vnni : dtype == 1 ? kCpuAvx512Bf16 : 0;
+  if ((cpu & kCpuAvx512Bw) && (cpu & ext) == ext) mask |= 1 << kIsaAvx512;
+  if (dtype == 0 && (cpu & kCpuAvxVnni)) mask |= 1 << kIsaAvxVnni;
   return mask;
-}
 #elif defined(__aarch64__)
-int IsaMask(int dtype) { return dtype >= 0 && dtype <= 2 ? 1 << kIsaNeon : 0; }  // NEON is base
+  return 1 << kIsaNeon;  // NEON is base
 #else
-int IsaMask(int) { return 0; }
+  return 0;
 #endif
+}
+
+#if defined(__x86_64__)
+// This CPU's kCpu* features; __builtin_cpu_supports checks the OS saves the vector state too.
+int CpuFeatures() {
+  __builtin_cpu_init();
+  int cpu = 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    cpu |= kCpuAvx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) cpu |= kCpuAvx512Bw;
+  if (__builtin_cpu_supports("avx512vnni")) cpu |= kCpuAvx512Vnni;
+  if (__builtin_cpu_supports("avx512bf16")) cpu |= kCpuAvx512Bf16;
+  // AVX-VNNI from cpuid itself: older compilers' __builtin_cpu_supports do not know the name.
+  unsigned a, b, c, d;
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1)) cpu |= kCpuAvxVnni;
+  return cpu;
+}
+#else
+int CpuFeatures() { return 0; }
+#endif
+
+int IsaMask(int dtype) { return IsaMaskFor(dtype, CpuFeatures()); }
 
 // The path a call runs: the best of `mask` when `want` is 0, else `want` if the CPU has it; -1: none.
 int64_t Resolve(int64_t want, int mask) {
   if (want == 0) {
-    for (int64_t isa : {kIsaAvx512, kIsaAvx2, kIsaNeon})
+    for (int64_t isa : {kIsaAvx512, kIsaAvxVnni, kIsaAvx2, kIsaNeon})
       if (mask >> isa & 1) return isa;
     return -1;
   }
-  return want > 0 && want <= kIsaNeon && (mask >> want & 1) ? want : -1;
+  return want > 0 && want <= kIsaAvxVnni && (mask >> want & 1) ? want : -1;
 }
 
 // Checks shapes, runs the scan over XLA's thread pool and writes the merged top-k. `pack` fills
@@ -182,8 +198,11 @@ ffi::Error ScanTopK(const char* name, const Kernel& kern, ffi::ThreadPool& pool,
 
 }  // namespace
 
-// Bit kIsa* set for each path the kernel of `dtype` (0 int8, 1 bfloat16, 2 float16) runs here.
+// Bit kIsa* set for each path the kernel of `dtype` (0 int8, 1 bfloat16, 2 float16) runs here,
+// or would run on a CPU with the features `cpu` (kCpu* bits), and this CPU's features.
 extern "C" int vgg_topk_isas(int dtype) { return IsaMask(dtype); }
+extern "C" int vgg_topk_isas_for(int dtype, int cpu) { return IsaMaskFor(dtype, cpu); }
+extern "C" int vgg_cpu_features() { return CpuFeatures(); }
 
 // The instruction ceiling of the int8 path in use, one thread for about `seconds`, in GOP/s (one
 // multiply-add = 2 operations): 12 independent vpdpbusd (VNNI), or 6 independent vpmaddubsw +
@@ -195,7 +214,9 @@ extern "C" double vgg_int8_peak_gops(double seconds) {
   double ops = 0, sec = 0;
   while (sec < seconds) {
 #if defined(__x86_64__)
-    ops += isa == kIsaAvx512 ? VnniPeak(1 << 16) : Avx2Peak(1 << 16);
+    ops += isa == kIsaAvx512    ? VnniPeak(1 << 16)
+           : isa == kIsaAvxVnni ? AvxVnniPeak(1 << 16)
+                                : Avx2Peak(1 << 16);
 #elif defined(__aarch64__)
     ops += NeonPeak(1 << 16);
 #endif
@@ -208,6 +229,25 @@ extern "C" double vgg_int8_peak_gops(double seconds) {
 // tiles of L queries.
 static int64_t TileOffset(int64_t j, int64_t b, int64_t groups, int64_t lanes = 16) {
   return (((j / lanes) * groups + b / 4) * lanes + j % lanes) * 4 + b % 4;
+}
+
+// int8 queries [Q, D] as unsigned bytes q + 128, as the vpdpbusd loops read them. Few: [Q][dp],
+// padded with 128 (meeting the zeros past a row's end). Many: tiles of `lanes` queries,
+// [Q/lanes][D/4][lanes][4].
+static void PackUnsigned(const int8_t* qs, const Problem& p, int64_t lanes,
+                         std::vector<uint8_t>& packed) {
+  const int64_t nq = p.q, d = p.d;
+  if (nq <= kSmallQ) {
+    packed.assign(nq * p.dp, 128);
+    for (int64_t j = 0; j < nq; ++j)
+      for (int64_t c = 0; c < d; ++c) packed[j * p.dp + c] = uint8_t(qs[j * d + c] + 128);
+    return;
+  }
+  const int64_t groups = d / 4;
+  packed.assign(p.tiles * groups * lanes * 4, 128);
+  for (int64_t j = 0; j < nq; ++j)
+    for (int64_t c = 0; c < d; ++c)
+      packed[TileOffset(j, c, groups, lanes)] = uint8_t(qs[j * d + c] + 128);
 }
 
 // Queries [Q, D] float32 as the loops of float rows read them. Few: [Q][dp] float32, 0-padded.
@@ -226,10 +266,11 @@ static void PackFloat(const float* qs, const Problem& p, std::vector<uint8_t>& p
 
 static ffi::Error NoPath(const char* name, int64_t want) {
   return ffi::Error::Internal(std::string(name) + ": this CPU runs no " +
-                              (want == kIsaAvx2     ? "AVX2"
-                               : want == kIsaAvx512 ? "AVX-512"
-                               : want == kIsaNeon   ? "NEON"
-                                                    : "") +
+                              (want == kIsaAvx2      ? "AVX2"
+                               : want == kIsaAvx512  ? "AVX-512"
+                               : want == kIsaNeon    ? "NEON"
+                               : want == kIsaAvxVnni ? "AVX-VNNI"
+                                                     : "") +
                               " path of this kernel");
 }
 
@@ -266,22 +307,12 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
     return ScanTopK("int8_topk", kInt8Avx2, pool, q8.dimensions(), m.dimensions(), 1,
                     m.typed_data(), scale, qmul, bias, qoff, weight, out_s, out_i, pack);
   }
-  // Queries as unsigned bytes (q + 128); the many-query loop wants them interleaved by 16.
-  auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
-    const int64_t nq = p.q, d = p.d;
-    if (nq <= kSmallQ) {
-      packed.assign(nq * p.dp, 128);
-      for (int64_t j = 0; j < nq; ++j)
-        for (int64_t c = 0; c < d; ++c) packed[j * p.dp + c] = uint8_t(qs[j * d + c] + 128);
-      return;
-    }
-    const int64_t groups = d / 4;
-    packed.assign(p.tiles * groups * 64, 128);
-    for (int64_t j = 0; j < nq; ++j)
-      for (int64_t c = 0; c < d; ++c)
-        packed[TileOffset(j, c, groups)] = uint8_t(qs[j * d + c] + 128);
+  // Queries as unsigned bytes (q + 128), tiles of 8 (AVX-VNNI) or 16 (AVX512-VNNI).
+  const Kernel& kern = isa == kIsaAvxVnni ? kInt8AvxVnni : kInt8Avx512;
+  auto pack = [qs, &kern](const Problem& p, std::vector<uint8_t>& packed) {
+    PackUnsigned(qs, p, kern.lanes, packed);
   };
-  return ScanTopK("int8_topk", kInt8Avx512, pool, q8.dimensions(), m.dimensions(), 1,
+  return ScanTopK("int8_topk", kern, pool, q8.dimensions(), m.dimensions(), 1,
                   m.typed_data(), scale, qmul, bias, qoff, weight, out_s, out_i, pack);
 #else
   return NoPath("int8_topk", want);

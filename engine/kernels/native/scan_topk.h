@@ -14,7 +14,8 @@
 // The files, compiled together into one library:
 //   * scan_topk.h (this file): the problem, the per-thread heaps and the scan loops' declarations;
 //   * scan_avx512.cc: the AVX512-VNNI / AVX512-BF16 / AVX-512 loops (int8, bfloat16, float16);
-//   * scan_avx2.cc: the AVX2 + FMA + F16C loops (int8, bfloat16, float16);
+//   * scan_avx2.cc: the AVX2 + FMA + F16C loops (int8, bfloat16, float16) and the int8 loops
+//     with AVX-VNNI (VEX vpdpbusd on 256 bits);
 //   * scan_neon.cc: the AArch64 Advanced SIMD loops (compiled on AArch64 only);
 //   * scan_topk.cc: run-time CPU dispatch, query packing, the row-block threading, the merge of
 //     the workers' heaps and the XLA FFI handlers.
@@ -27,7 +28,8 @@
 //   * Many queries: lanes are queries. Queries are packed as [Q/16][D bytes/4][16][4]; each 4-byte
 //     group of a row is broadcast and multiplied with 16 queries at once, 4-12 rows by up to
 //     kMaxTiles tiles of 16 queries in registers (a GEMM micro-kernel).
-//   * Many int8 queries with AVX2: the same with tiles of 8 queries, 3 rows x 2 tiles in registers.
+//   * Many int8 queries with AVX2: the same with tiles of 8 queries, 3 rows x 2 tiles in registers
+//     (AVX-VNNI: 6 rows x 2 tiles, one vpdpbusd per 4 bytes of a row and 8 queries).
 //   * Many float16 / bfloat16 queries with AVX2: 48 rows widened to float32 once, then a float32
 //     GEMM blocking (6 rows x 2 tiles of 8 queries, 128 dimensions per pass).
 // Rows are split into blocks shared by XLA's intra-op thread pool and the calling thread.
@@ -50,6 +52,15 @@ constexpr int64_t kPrefetchBytes = 8192;  // software prefetch distance along th
 constexpr int64_t kIsaAvx2 = 1;
 constexpr int64_t kIsaAvx512 = 2;
 constexpr int64_t kIsaNeon = 3;  // AArch64: Advanced SIMD (sdot where the library was built with it)
+constexpr int64_t kIsaAvxVnni = 4;  // int8: AVX2 loops with the VEX vpdpbusd of AVX-VNNI
+
+// CPU features, as bits, that the paths need (scan_topk.cc reads them with cpuid; the choice of
+// paths is a pure function of them, exported for tests as vgg_topk_isas_for).
+constexpr int kCpuAvx2 = 1 << 0;        // AVX2 + FMA + F16C
+constexpr int kCpuAvx512Bw = 1 << 1;    // AVX-512 F + BW
+constexpr int kCpuAvx512Vnni = 1 << 2;
+constexpr int kCpuAvx512Bf16 = 1 << 3;
+constexpr int kCpuAvxVnni = 1 << 4;     // the VEX encoding (CPUID.(7,1):EAX[4])
 
 struct Cand {
   float s;
@@ -140,9 +151,11 @@ extern const Kernel kF16Avx512;   // AVX-512 (F, BW); float32 queries, few only
 extern const Kernel kInt8Avx2;    // AVX2; signed queries
 extern const Kernel kBf16Avx2;    // AVX2 + FMA; float32 queries
 extern const Kernel kF16Avx2;     // AVX2 + FMA + F16C; float32 queries
+extern const Kernel kInt8AvxVnni;  // AVX2 + AVX-VNNI; queries as unsigned bytes q + 128
 // The int8 instruction ceilings: operations (2 per multiply-add) done in `iters` steps.
 double VnniPeak(int64_t iters);
 double Avx2Peak(int64_t iters);
+double AvxVnniPeak(int64_t iters);
 #elif defined(__aarch64__)
 extern const Kernel kInt8Neon;  // signed queries; sdot where built with +dotprod
 extern const Kernel kBf16Neon;  // float32 queries
