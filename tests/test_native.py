@@ -22,7 +22,7 @@ from engine.kernels import native, streaming
 from engine.kernels import topk as topk_lib
 from engine.store import Index, quantize_int8
 
-INT8_PATHS = ["avx512-vnni", "avx-vnni", "avx2"]
+INT8_PATHS = ["amx-int8", "avx512-vnni", "avx-vnni", "avx2"]
 BF16_PATHS = ["avx512-bf16", "avx2"]
 F16_PATHS = ["avx512", "avx2"]
 
@@ -39,6 +39,8 @@ def built():
 def _need(dtype, isa=None, queries=1):
   if isa is not None and isa not in native.paths(dtype):
     pytest.skip(f"this CPU does not run the {isa} path of the {dtype} kernel ({native.status()})")
+  if isa is not None and native.pick_path(dtype, queries, [isa]) is None:
+    pytest.skip(f"the {isa} path of the {dtype} kernel does not take {queries} queries")
   if not native.available(dtype, queries):
     pytest.skip(native.status())
 
@@ -102,7 +104,7 @@ def test_int8_extremes_do_not_saturate(built):
   q8 = np.full((9, d), -127, np.int8)
   q8[1::2] = 127
   for isa in native.paths("int8"):
-    for nq in (1, 9):
+    for nq in (1, 9) if native.pick_path("int8", 1, [isa]) else (9,):
       vals, ids = _call(
         q8[:nq],
         m8,
@@ -126,7 +128,7 @@ def test_ties_go_to_the_lower_row_whatever_the_threads(built, isa):
   n, d, k = 20000, 64, 25
   m8 = np.tile(np.arange(-32, 32, dtype=np.int8), (n, 1))
   ones = np.ones(n, np.float32)
-  for q in (6, 20):
+  for q in (6, 20) if native.pick_path("int8", 6, [isa]) else (20,):
     q8 = np.ones((q, d), np.int8)
     for _ in range(3):
       vals, ids = _call(q8, m8, ones, np.ones(q, np.float32), np.zeros(n, np.float32), k, isa)
@@ -420,18 +422,21 @@ def test_neon_loops_under_qemu(tmp_path, march):
   not (shutil.which("g++") and {"avx2", "fma", "f16c"} <= native.cpu_flags()),
   reason="needs g++ and an AVX2 + FMA + F16C CPU",
 )
-def test_avx_vnni_loops_with_the_instruction_emulated(tmp_path):
-  # Neither this project's CPU nor qemu-x86_64 7.2 runs AVX-VNNI: the loops around the one VEX
-  # vpdpbusd (packing, row sums, tiles, rank-one term, heaps) run with it replaced by an exact AVX2
-  # equivalent, against integer references; the instruction itself is checked in the object code.
-  exe = tmp_path / "vnni_check"
-  src = native.SOURCE.with_name("vnni_check.cc")
+def test_avx_vnni_and_amx_loops_with_the_instructions_emulated(tmp_path):
+  # Neither this project's CPU nor qemu-x86_64 7.2 runs AVX-VNNI or AMX: the loops around the VEX
+  # vpdpbusd and the tile instructions (packing, row sums, tiles, scratch copies, rank-one term,
+  # heaps) run with those replaced by exact equivalents, against integer references; the
+  # instructions themselves are checked in the object code.
+  exe = tmp_path / "emulated_check"
+  src = native.SOURCE.with_name("emulated_check.cc")
   flags = ["-O2", "-std=c++17", "-ffp-contract=off", "-w"]
   include = [f"-I{jax.ffi.include_dir()}", f"-I{native.SOURCE.parent}"]
   subprocess.run(["g++", *flags, *include, str(src), "-o", str(exe)], check=True)
   out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:]
-  assert out.stdout.count(": ok") == 21, out.stdout
+  assert out.stdout.count("avx-vnni (emulated)") == 21, out.stdout
+  assert out.stdout.count("amx-int8 (emulated)") == 15, out.stdout
+  assert "MISMATCH" not in out.stdout
 
 
 # The kCpu* bits of scan_topk.h, by /proc/cpuinfo names.
@@ -441,21 +446,22 @@ _CPU_BITS = {
   frozenset({"avx512_vnni"}): 4,
   frozenset({"avx512_bf16"}): 8,
   frozenset({"avx_vnni"}): 16,
+  frozenset({"amx_tile", "amx_int8"}): 32,  # and Linux granted the tile state
 }
 _CPUS = {  # /proc/cpuinfo flags (the relevant ones) of CPUs this machine is not
   "zen3": {"avx2", "fma", "f16c"},
   "alder_lake": {"avx2", "fma", "f16c", "avx_vnni"},
   "ice_lake": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"},
   "sapphire_rapids": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}
-  | {"avx_vnni"},
+  | {"avx_vnni", "amx_tile", "amx_int8", "amx_bf16"},
   "avx_only": {"avx", "sse4_2"},
 }
-_BEST_INT8 = {
-  "zen3": "avx2",
-  "alder_lake": "avx-vnni",
-  "ice_lake": "avx512-vnni",
-  "sapphire_rapids": "avx512-vnni",
-  "avx_only": None,
+_BEST_INT8 = {  # cpu: (path for 1 query, for 100)
+  "zen3": ("avx2", "avx2"),
+  "alder_lake": ("avx-vnni", "avx-vnni"),
+  "ice_lake": ("avx512-vnni", "avx512-vnni"),
+  "sapphire_rapids": ("avx512-vnni", "amx-int8"),
+  "avx_only": (None, None),
 }
 
 
@@ -471,12 +477,14 @@ def test_dispatch_is_a_function_of_the_cpu_flags(built, cpu):
     mask = lib.vgg_topk_isas_for(code, bits)
     codes = {name: c for name, c, _ in native.ISAS[dtype]}
     names = [p for p in native.paths_for(dtype, flags) if p != "neon"]
-    assert {p for p, c in codes.items() if mask >> c & 1} == set(names), (dtype, mask)
+    assert mask == sum(1 << codes[p] for p in names), (dtype, mask, names)
     if dtype == "int8":
-      assert (names or [None])[0] == _BEST_INT8[cpu]
-      if "avx_vnni" in flags:
-        assert ("int8", names[names.index("avx-vnni")]) in native.MANY_QUERIES
+      few, many = (native.pick_path("int8", q, names) for q in (1, 100))
+      assert (few, many) == _BEST_INT8[cpu]
+      assert native.pick_path("int8", 9, names) == many
   assert lib.vgg_topk_isas_for(0, lib.vgg_cpu_features()) == lib.vgg_topk_isas(0)
+  if not {"amx_tile", "amx_int8"} <= native.cpu_flags():
+    assert lib.vgg_amx_status() == -1  # no AMX: nothing asked of Linux, no reason to give
 
 
 @pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils)")
@@ -498,6 +506,28 @@ def test_the_library_holds_vex_vpdpbusd_only_in_the_avx_vnni_loops(built):
   assert where, "no VEX vpdpbusd in the library"
   assert all("Vnni" in name for name in where), sorted(where)
   assert any("VnniMicro62" in name for name in where) and any("ScanSmallVnni" in n for n in where)
+
+
+@pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils)")
+def test_the_library_holds_amx_instructions_only_in_the_amx_loop(built):
+  text = subprocess.run(
+    ["objdump", "-d", "-C", "--no-show-raw-insn", str(native.library_path())],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  where, fn = {}, None
+  for line in text.splitlines():
+    if line.endswith(">:"):
+      fn = line[line.index("<") + 1 : -2]
+    else:
+      for op in ("tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease", "tilezero"):
+        if f"\t{op} " in line or line.endswith(f"\t{op}"):
+          where.setdefault(op, set()).add(fn)
+  assert set(where) == {"tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease"} | (
+    {"tilezero"} & set(where)
+  ), sorted(where)
+  assert all("Amx" in f for fns in where.values() for f in fns), where
 
 
 # ---- build, trust and fallback: these run on every CPU ----
@@ -526,7 +556,7 @@ def test_the_build_compiles_every_source_and_its_key_covers_each_file(monkeypatc
   # Every .cc of the package but the test program goes into the library, and a change to any
   # source or to the header names another library (a stale one is never loaded for new code).
   here = native.SOURCE.parent
-  checks = {"neon_check.cc", "vnni_check.cc"}  # test programs
+  checks = {"neon_check.cc", "emulated_check.cc"}  # test programs
   assert {p.name for p in native.SOURCES} == {p.name for p in here.glob("*.cc")} - checks
   assert {p.name for p in native.HEADERS} == {p.name for p in here.glob("*.h")}
   files = (*native.SOURCES, *native.HEADERS)

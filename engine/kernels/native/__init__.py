@@ -3,7 +3,7 @@
 `scan_topk.cc` is a fused scan + top-k over int8, bfloat16 and float16 rows (see `scan_topk.h` and
 BUILD.md for why XLA's own products are not enough on CPU); the loops of each instruction set live in
 `scan_avx512.cc`, `scan_avx2.cc` and `scan_neon.cc`, all compiled by one compiler run into one
-library (`SOURCES`; `neon_check.cc` and `vnni_check.cc` are test programs). This module is its only Python face:
+library (`SOURCES`; `neon_check.cc` and `emulated_check.cc` are test programs). This module is its only Python face:
 `scan_topk(...)` is the FFI call that `engine.kernels.topk` and the tests make, `available(dtype)`
 and `isa(dtype)` say whether and how a dtype runs natively here, `build()` compiles the library.
 
@@ -19,8 +19,9 @@ all. On x86-64 the one library holds the AVX2 and the AVX-512 loops (per-functio
 attributes, baseline code elsewhere: no file is compiled with -m flags, so no AVX-512 code reaches
 the paths an AVX2 CPU runs) and each call takes the best one the CPU has, unless `isa` names another
 (tests):
-  * int8: AVX512-VNNI (vpdpbusd), else AVX-VNNI (its VEX form on 256 bits), else AVX2
-    (vpmaddubsw + vpmaddwd);
+  * int8: AMX-INT8 (tiles, TDPBSSD) for batches, else AVX512-VNNI (vpdpbusd), else AVX-VNNI (its
+    VEX form on 256 bits), else AVX2 (vpmaddubsw + vpmaddwd); Linux must grant a process the AMX
+    tile state, and where it refuses the next path runs and `status()` says why;
   * bfloat16: AVX512-BF16 (vdpbf16ps), else AVX2 (rows widened by a shift, FMA);
   * float16: AVX-512 (few queries), else AVX2 + F16C (vcvtph2ps, FMA).
 On AArch64 NEON loops serve up to 8 queries (int8 with sdot when the CPU has it: the library is then
@@ -63,7 +64,8 @@ _HERE = Path(__file__).parent
 # The library's sources, in one place: compiled together by one compiler run. Each loop file is
 # empty on the other architecture (#if), so one list serves x86-64 and AArch64.
 SOURCES = tuple(
-  _HERE / name for name in ("scan_topk.cc", "scan_avx512.cc", "scan_avx2.cc", "scan_neon.cc")
+  _HERE / name
+  for name in ("scan_topk.cc", "scan_avx512.cc", "scan_avx2.cc", "scan_amx.cc", "scan_neon.cc")
 )
 HEADERS = (_HERE / "scan_topk.h",)
 SOURCE = SOURCES[0]  # the dispatch and the FFI handlers
@@ -78,6 +80,7 @@ _AVX512 = frozenset({"avx512f", "avx512bw"})
 _NEON = ("neon", 3, frozenset({"asimd"}))  # AArch64; int8 uses sdot where the CPU has asimddp
 ISAS = {
   "int8": (
+    ("amx-int8", 5, _AVX512 | {"amx_tile", "amx_int8"}),  # batches only (MANY_ONLY)
     ("avx512-vnni", 2, _AVX512 | {"avx512_vnni"}),
     ("avx-vnni", 4, _AVX2 | {"avx_vnni"}),  # the VEX vpdpbusd (Alder Lake, Sapphire Rapids, Zen 5)
     ("avx2", 1, _AVX2),
@@ -88,7 +91,10 @@ ISAS = {
 }
 # Queries per call of the few-query-only paths (the others take any number).
 FEW_QUERIES = 8
+# Paths for more than FEW_QUERIES queries only: few queries take the next path.
+MANY_ONLY = {("int8", "amx-int8")}
 MANY_QUERIES = {
+  ("int8", "amx-int8"),
   ("int8", "avx512-vnni"),
   ("int8", "avx-vnni"),
   ("int8", "avx2"),
@@ -285,6 +291,7 @@ class _State:
   lib: ctypes.CDLL | None
   paths: dict[str, list[str]]  # dtype -> usable paths, best first
   reasons: dict[str, str]  # dtype -> why it has none
+  notes: list[str] = dataclasses.field(default_factory=list)  # paths the CPU has but not in use
   warned: bool = False
 
 
@@ -312,7 +319,7 @@ def _probe(flags: frozenset[str]) -> _State:
     lib = ctypes.CDLL(str(lib_path))
   except OSError as e:
     return _State(None, {}, dict.fromkeys(DTYPES, f"could not load {lib_path.name}: {e}"))
-  paths, reasons = {}, {}
+  paths, reasons, notes = {}, {}, []
   for dtype in DTYPES:
     # Both the kernel's own cpuid check and /proc/cpuinfo must agree that a path runs here.
     probe = lib.vgg_topk_isas
@@ -320,6 +327,8 @@ def _probe(flags: frozenset[str]) -> _State:
     mask = probe(DTYPES.index(dtype))
     codes = {name: code for name, code, _ in ISAS[dtype]}
     paths[dtype] = [p for p in paths_for(dtype, flags) if mask >> codes[p] & 1]
+    if dtype == "int8" and "amx-int8" in paths_for(dtype, flags) and "amx-int8" not in paths[dtype]:
+      notes.append(f"amx-int8 not used: {_amx_refusal(lib)}")
     if not paths[dtype]:
       reasons[dtype] = "this CPU lacks " + " or ".join(name.upper() for name, _, _ in ISAS[dtype])
       continue
@@ -327,7 +336,17 @@ def _probe(flags: frozenset[str]) -> _State:
       handler = jax.ffi.pycapsule(getattr(lib, _HANDLERS[dtype]))
       jax.ffi.register_ffi_target(_TARGETS[dtype], handler, platform="cpu")
       _registered.add(_TARGETS[dtype])
-  return _State(lib, paths, reasons)
+  return _State(lib, paths, reasons, notes)
+
+
+def _amx_refusal(lib: ctypes.CDLL) -> str:
+  """Why a CPU whose flags list AMX-INT8 does not get the AMX path (the library's AmxStatus)."""
+  code = lib.vgg_amx_status()
+  if code == -1:
+    return "the library found no usable AMX tile state (cpuid / XCR0)"
+  if code == 0:
+    return "the library was built by a compiler without AMX support"
+  return f"Linux refused this process the AMX tile state (arch_prctl: {os.strerror(code)})"
 
 
 def _load() -> _State:
@@ -338,6 +357,9 @@ def _load() -> _State:
     if _state.reasons and not _state.warned:
       _state.warned = True
       logging.warning("%s; XLA's products run instead", _describe(_state))
+    elif _state.notes and not _state.warned:
+      _state.warned = True
+      logging.warning("native scan kernels: %s", "; ".join(_state.notes))
     return _state
 
 
@@ -350,12 +372,20 @@ def _describe(state: _State) -> str:
   return f"native scan kernels in use for {', '.join(on)}; not for {'; '.join(parts)}"
 
 
-def _path_for(dtype: str, queries: int, isa: str | None = None) -> str | None:
-  """The best path here (or `isa`, if it runs here) that scans `queries` queries per call."""
-  for path in _load().paths.get(dtype, []):
+def pick_path(dtype: str, queries: int, paths: list[str], isa: str | None = None) -> str | None:
+  """The first of `paths` (best first, e.g. `paths_for(dtype, flags)`), or `isa` if among them,
+  that scans `queries` queries per call: the per-call dispatch, a pure function."""
+  for path in paths:
+    if queries <= FEW_QUERIES and (dtype, path) in MANY_ONLY:
+      continue
     if isa in (None, path) and (queries <= FEW_QUERIES or (dtype, path) in MANY_QUERIES):
       return path
   return None
+
+
+def _path_for(dtype: str, queries: int, isa: str | None = None) -> str | None:
+  """The best path here (or `isa`, if it runs here) that scans `queries` queries per call."""
+  return pick_path(dtype, queries, _load().paths.get(dtype, []), isa)
 
 
 def available(dtype: str = "int8", queries: int = 1) -> bool:
@@ -437,8 +467,9 @@ def scan_topk(
 
 
 def int8_peak_gops(threads: int, seconds: float = 0.3) -> float:
-  """The int8 multiply-add instruction ceiling of the path in use, `threads` cores at once, GOP/s
-  (vpdpbusd with AVX512-VNNI or AVX-VNNI, vpmaddubsw + vpmaddwd with AVX2)."""
+  """The int8 multiply-add instruction ceiling of the path one query takes, `threads` cores at
+  once, GOP/s (vpdpbusd with AVX512-VNNI or AVX-VNNI, vpmaddubsw + vpmaddwd with AVX2; AMX's
+  TDPBSSD is not measured)."""
   from concurrent.futures import ThreadPoolExecutor
 
   if not available("int8"):
@@ -459,4 +490,4 @@ def status() -> str:
     f"{d}: {'off (' + s.reasons[d] + ')' if d in s.reasons else 'in use, ' + '/'.join(s.paths[d])}"
     for d in DTYPES
   ]
-  return "native scan kernels: " + "; ".join(parts)
+  return "native scan kernels: " + "; ".join(parts + s.notes)

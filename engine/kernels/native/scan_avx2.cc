@@ -370,6 +370,7 @@ void ScanBlockAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
   }
 }
 
+#if VGG_HAVE_AVX_VNNI
 // ---- int8 with AVX-VNNI: queries as unsigned bytes q + 128, 8 per tile ----
 
 // acc + for each s32 lane the sum of its 4 products of unsigned bytes of `u` and signed bytes of
@@ -536,12 +537,16 @@ void ScanBlockVnni(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
   }
 }
 
+#endif  // VGG_HAVE_AVX_VNNI
+
 }  // namespace
 
 const Kernel kInt8Avx2{&ScanBlockAvx2<Int8Avx2>, Int8Avx2::kQBytes, 8};
 const Kernel kBf16Avx2{&ScanBlockAvx2<FloatAvx2<false>>, FloatAvx2<false>::kQBytes, 8};
 const Kernel kF16Avx2{&ScanBlockAvx2<FloatAvx2<true>>, FloatAvx2<true>::kQBytes, 8};
+#if VGG_HAVE_AVX_VNNI
 const Kernel kInt8AvxVnni{&ScanBlockVnni, 64, 8};
+#endif
 
 // 6 independent vpmaddubsw + vpmaddwd + vpaddd per step.
 AVX2_TARGET double Avx2Peak(int64_t iters) {
@@ -566,6 +571,7 @@ AVX2_TARGET double Avx2Peak(int64_t iters) {
   return double(iters) * 6 * 32 * 2;
 }
 
+#if VGG_HAVE_AVX_VNNI
 // 12 independent vpdpbusd (VEX, ymm) per step.
 AVX_VNNI_TARGET double AvxVnniPeak(int64_t iters) {
   const __m256i a = _mm256_set1_epi32(0x01020304), b = _mm256_set1_epi32(0x01010101);
@@ -594,6 +600,7 @@ AVX_VNNI_TARGET double AvxVnniPeak(int64_t iters) {
   (void)sink;
   return double(iters) * 12 * 32 * 2;
 }
+#endif  // VGG_HAVE_AVX_VNNI
 
 }  // namespace vgg_scan
 #endif  // __x86_64__

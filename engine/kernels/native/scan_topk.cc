@@ -21,6 +21,10 @@
 
 #if defined(__x86_64__)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
 #endif
 
 namespace ffi = xla::ffi;
@@ -67,7 +71,10 @@ int IsaMaskFor(int dtype, int cpu) {
   int mask = 1 << kIsaAvx2;
   const int ext = dtype == 0 ? kCpuAvx512Vnni : dtype == 1 ? kCpuAvx512Bf16 : 0;
   if ((cpu & kCpuAvx512Bw) && (cpu & ext) == ext) mask |= 1 << kIsaAvx512;
-  if (dtype == 0 && (cpu & kCpuAvxVnni)) mask |= 1 << kIsaAvxVnni;
+  if (VGG_HAVE_AVX_VNNI && dtype == 0 && (cpu & kCpuAvxVnni)) mask |= 1 << kIsaAvxVnni;
+  // AMX's epilogue is AVX-512 code.
+  if (VGG_HAVE_AMX && dtype == 0 && (cpu & kCpuAmxInt8) && (cpu & kCpuAvx512Bw))
+    mask |= 1 << kIsaAmx;
   return mask;
 #elif defined(__aarch64__)
   return 1 << kIsaNeon;  // NEON is base
@@ -77,6 +84,23 @@ int IsaMaskFor(int dtype, int cpu) {
 }
 
 #if defined(__x86_64__)
+// AMX on this CPU: 0 usable; -1 the CPU (or the OS's XCR0) lacks AMX-TILE + AMX-INT8; else the
+// errno of Linux's refusal to give this process the tile state. Asked once per process.
+int AmxStatus() {
+  static const int status = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 25 & 1)) return -1;
+    if (!(c >> 27 & 1)) return -1;  // OSXSAVE: XGETBV may be used
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo >> 17 & 3) != 3) return -1;  // XTILECFG + XTILEDATA not enabled by the OS
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return errno ? errno : 1;
+    return 0;
+  }();
+  return status;
+}
+
 // This CPU's kCpu* features; __builtin_cpu_supports checks the OS saves the vector state too.
 int CpuFeatures() {
   __builtin_cpu_init();
@@ -90,13 +114,18 @@ int CpuFeatures() {
   // AVX-VNNI from cpuid itself: older compilers' __builtin_cpu_supports do not know the name.
   unsigned a, b, c, d;
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1)) cpu |= kCpuAvxVnni;
+  if (AmxStatus() == 0) cpu |= kCpuAmxInt8;
   return cpu;
 }
 #else
+int AmxStatus() { return -1; }
 int CpuFeatures() { return 0; }
 #endif
 
-int IsaMask(int dtype) { return IsaMaskFor(dtype, CpuFeatures()); }
+int IsaMask(int dtype) {
+  static const int cpu = CpuFeatures();  // cpuid, and the AMX request, once
+  return IsaMaskFor(dtype, cpu);
+}
 
 // The path a call runs: the best of `mask` when `want` is 0, else `want` if the CPU has it; -1: none.
 int64_t Resolve(int64_t want, int mask) {
@@ -105,7 +134,7 @@ int64_t Resolve(int64_t want, int mask) {
       if (mask >> isa & 1) return isa;
     return -1;
   }
-  return want > 0 && want <= kIsaAvxVnni && (mask >> want & 1) ? want : -1;
+  return want > 0 && want <= kIsaAmx && (mask >> want & 1) ? want : -1;
 }
 
 // Checks shapes, runs the scan over XLA's thread pool and writes the merged top-k. `pack` fills
@@ -203,6 +232,8 @@ ffi::Error ScanTopK(const char* name, const Kernel& kern, ffi::ThreadPool& pool,
 extern "C" int vgg_topk_isas(int dtype) { return IsaMask(dtype); }
 extern "C" int vgg_topk_isas_for(int dtype, int cpu) { return IsaMaskFor(dtype, cpu); }
 extern "C" int vgg_cpu_features() { return CpuFeatures(); }
+// AmxStatus(): 0 AMX usable, -1 no AMX here, else the errno of the kernel's refusal.
+extern "C" int vgg_amx_status() { return AmxStatus(); }
 
 // The instruction ceiling of the int8 path in use, one thread for about `seconds`, in GOP/s (one
 // multiply-add = 2 operations): 12 independent vpdpbusd (VNNI), or 6 independent vpmaddubsw +
@@ -215,7 +246,9 @@ extern "C" double vgg_int8_peak_gops(double seconds) {
   while (sec < seconds) {
 #if defined(__x86_64__)
     ops += isa == kIsaAvx512    ? VnniPeak(1 << 16)
+#if VGG_HAVE_AVX_VNNI
            : isa == kIsaAvxVnni ? AvxVnniPeak(1 << 16)
+#endif
                                 : Avx2Peak(1 << 16);
 #elif defined(__aarch64__)
     ops += NeonPeak(1 << 16);
@@ -250,6 +283,15 @@ static void PackUnsigned(const int8_t* qs, const Problem& p, int64_t lanes,
       packed[TileOffset(j, c, groups, lanes)] = uint8_t(qs[j * d + c] + 128);
 }
 
+// int8 queries [Q, D] as AMX's B tiles read them: signed, tiles of 16 queries, the groups of 4
+// bytes padded with zeros to whole 64-byte chunks: [Q/16][ceil(D/64) * 16][16][4].
+static void PackSignedAmx(const int8_t* qs, const Problem& p, std::vector<uint8_t>& packed) {
+  const int64_t groups = (p.row_bytes + 63) / 64 * 16;
+  packed.assign(p.tiles * groups * 64, 0);
+  for (int64_t j = 0; j < p.q; ++j)
+    for (int64_t c = 0; c < p.d; ++c) packed[TileOffset(j, c, groups)] = uint8_t(qs[j * p.d + c]);
+}
+
 // Queries [Q, D] float32 as the loops of float rows read them. Few: [Q][dp] float32, 0-padded.
 // Many (AVX2): tiles of 8 queries interleaved by element, [Q/8][D][8] float32, 0-padded.
 static void PackFloat(const float* qs, const Problem& p, std::vector<uint8_t>& packed) {
@@ -270,6 +312,7 @@ static ffi::Error NoPath(const char* name, int64_t want) {
                                : want == kIsaAvx512  ? "AVX-512"
                                : want == kIsaNeon    ? "NEON"
                                : want == kIsaAvxVnni ? "AVX-VNNI"
+                               : want == kIsaAmx     ? "AMX-INT8"
                                                      : "") +
                               " path of this kernel");
 }
@@ -307,8 +350,23 @@ static ffi::Error Int8TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> q8, ffi::B
     return ScanTopK("int8_topk", kInt8Avx2, pool, q8.dimensions(), m.dimensions(), 1,
                     m.typed_data(), scale, qmul, bias, qoff, weight, out_s, out_i, pack);
   }
+#if VGG_HAVE_AMX
+  if (isa == kIsaAmx) {  // signed queries, tiles of 16, groups padded to whole 64-byte chunks
+    if (q8.dimensions().size() == 2 && q8.dimensions()[0] <= kSmallQ)
+      return ffi::Error::InvalidArgument("int8_topk: the AMX path takes more than 8 queries");
+    auto pack = [qs](const Problem& p, std::vector<uint8_t>& packed) {
+      PackSignedAmx(qs, p, packed);
+    };
+    return ScanTopK("int8_topk", kInt8Amx, pool, q8.dimensions(), m.dimensions(), 1,
+                    m.typed_data(), scale, qmul, bias, qoff, weight, out_s, out_i, pack);
+  }
+#endif
   // Queries as unsigned bytes (q + 128), tiles of 8 (AVX-VNNI) or 16 (AVX512-VNNI).
+#if VGG_HAVE_AVX_VNNI
   const Kernel& kern = isa == kIsaAvxVnni ? kInt8AvxVnni : kInt8Avx512;
+#else
+  const Kernel& kern = kInt8Avx512;
+#endif
   auto pack = [qs, &kern](const Problem& p, std::vector<uint8_t>& packed) {
     PackUnsigned(qs, p, kern.lanes, packed);
   };

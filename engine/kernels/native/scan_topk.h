@@ -16,6 +16,7 @@
 //   * scan_avx512.cc: the AVX512-VNNI / AVX512-BF16 / AVX-512 loops (int8, bfloat16, float16);
 //   * scan_avx2.cc: the AVX2 + FMA + F16C loops (int8, bfloat16, float16) and the int8 loops
 //     with AVX-VNNI (VEX vpdpbusd on 256 bits);
+//   * scan_amx.cc: the AMX-INT8 loop for many int8 queries;
 //   * scan_neon.cc: the AArch64 Advanced SIMD loops (compiled on AArch64 only);
 //   * scan_topk.cc: run-time CPU dispatch, query packing, the row-block threading, the merge of
 //     the workers' heaps and the XLA FFI handlers.
@@ -37,6 +38,22 @@
 
 #pragma once
 
+// Compilers that know the AVX-VNNI and AMX target names (GCC 11, clang 12); with an older one the
+// library is built without those paths. The check programs force the emulated paths on.
+#if defined(VGG_EMULATE_AVX_VNNI) || defined(VGG_EMULATE_AMX)
+#define VGG_HAVE_AVX_VNNI 1
+#define VGG_HAVE_AMX 1
+#elif defined(__clang__)
+#define VGG_HAVE_AVX_VNNI (__clang_major__ >= 12)
+#define VGG_HAVE_AMX (__clang_major__ >= 12)
+#elif defined(__GNUC__)
+#define VGG_HAVE_AVX_VNNI (__GNUC__ >= 11)
+#define VGG_HAVE_AMX (__GNUC__ >= 11)
+#else
+#define VGG_HAVE_AVX_VNNI 0
+#define VGG_HAVE_AMX 0
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -53,6 +70,7 @@ constexpr int64_t kIsaAvx2 = 1;
 constexpr int64_t kIsaAvx512 = 2;
 constexpr int64_t kIsaNeon = 3;  // AArch64: Advanced SIMD (sdot where the library was built with it)
 constexpr int64_t kIsaAvxVnni = 4;  // int8: AVX2 loops with the VEX vpdpbusd of AVX-VNNI
+constexpr int64_t kIsaAmx = 5;      // int8, more than kSmallQ queries: AMX tiles (TDPBSSD)
 
 // CPU features, as bits, that the paths need (scan_topk.cc reads them with cpuid; the choice of
 // paths is a pure function of them, exported for tests as vgg_topk_isas_for).
@@ -61,6 +79,7 @@ constexpr int kCpuAvx512Bw = 1 << 1;    // AVX-512 F + BW
 constexpr int kCpuAvx512Vnni = 1 << 2;
 constexpr int kCpuAvx512Bf16 = 1 << 3;
 constexpr int kCpuAvxVnni = 1 << 4;     // the VEX encoding (CPUID.(7,1):EAX[4])
+constexpr int kCpuAmxInt8 = 1 << 5;     // AMX-TILE + AMX-INT8, and Linux granted the tile state
 
 struct Cand {
   float s;
@@ -125,6 +144,7 @@ struct Worker {
   std::vector<Heap> heaps;   // [Q]
   std::vector<int32_t> rowsum;  // row sums of the block being scanned (int8)
   std::vector<float> wide;      // rows widened to float32 (AVX2 float16 / bfloat16, many queries)
+  std::vector<uint8_t> scratch;  // rows copied with zero padding (AMX)
   void Init(const Problem& p) {
     cand.resize(p.q * p.k);
     // Padding lanes never pass the compare; real queries start at -inf.
@@ -151,11 +171,16 @@ extern const Kernel kF16Avx512;   // AVX-512 (F, BW); float32 queries, few only
 extern const Kernel kInt8Avx2;    // AVX2; signed queries
 extern const Kernel kBf16Avx2;    // AVX2 + FMA; float32 queries
 extern const Kernel kF16Avx2;     // AVX2 + FMA + F16C; float32 queries
+#if VGG_HAVE_AVX_VNNI
 extern const Kernel kInt8AvxVnni;  // AVX2 + AVX-VNNI; queries as unsigned bytes q + 128
+double AvxVnniPeak(int64_t iters);
+#endif
+#if VGG_HAVE_AMX
+extern const Kernel kInt8Amx;  // AMX-INT8, many queries only; signed queries in tiles of 16
+#endif
 // The int8 instruction ceilings: operations (2 per multiply-add) done in `iters` steps.
 double VnniPeak(int64_t iters);
 double Avx2Peak(int64_t iters);
-double AvxVnniPeak(int64_t iters);
 #elif defined(__aarch64__)
 extern const Kernel kInt8Neon;  // signed queries; sdot where built with +dotprod
 extern const Kernel kBf16Neon;  // float32 queries
