@@ -508,6 +508,27 @@ def test_the_library_holds_vex_vpdpbusd_only_in_the_avx_vnni_loops(built):
   assert any("VnniMicro62" in name for name in where) and any("ScanSmallVnni" in n for n in where)
 
 
+def test_a_cpu_whose_amx_is_refused_runs_the_next_path_and_says_why(built, caplog):
+  # Flags that promise AMX (as /proc/cpuinfo would) on a CPU whose cpuid, or whose kernel, says
+  # no: the int8 kernel keeps its other paths and the reason is logged once and in the status.
+  flags = native.cpu_flags() | {"avx512f", "avx512bw", "amx_tile", "amx_int8"}
+  state = native._probe(flags)
+  if state.lib is None:
+    pytest.skip(native.status())
+  if state.lib.vgg_amx_status() == 0:
+    pytest.skip("this CPU runs AMX")
+  assert "amx-int8" not in state.paths["int8"] and state.paths["int8"]
+  (note,) = state.notes
+  assert note.startswith("amx-int8 not used: ")
+
+  class Refused:  # the library's answer where Linux refuses the tile state (EPERM)
+    def vgg_amx_status(self):
+      return 1
+
+  assert "Linux refused" in native._amx_refusal(Refused())
+  assert os.strerror(1) in native._amx_refusal(Refused())
+
+
 @pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils)")
 def test_the_library_holds_amx_instructions_only_in_the_amx_loop(built):
   text = subprocess.run(

@@ -2,8 +2,9 @@
 
 `scan_topk.cc` is a fused scan + top-k over int8, bfloat16 and float16 rows (see `scan_topk.h` and
 BUILD.md for why XLA's own products are not enough on CPU); the loops of each instruction set live in
-`scan_avx512.cc`, `scan_avx2.cc` and `scan_neon.cc`, all compiled by one compiler run into one
-library (`SOURCES`; `neon_check.cc` and `emulated_check.cc` are test programs). This module is its only Python face:
+`scan_avx512.cc`, `scan_avx2.cc`, `scan_amx.cc` and `scan_neon.cc`, all compiled by one compiler
+run into one library (`SOURCES`; `neon_check.cc` and `emulated_check.cc` are test programs). This
+module is its only Python face:
 `scan_topk(...)` is the FFI call that `engine.kernels.topk` and the tests make, `available(dtype)`
 and `isa(dtype)` say whether and how a dtype runs natively here, `build()` compiles the library.
 

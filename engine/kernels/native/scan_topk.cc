@@ -90,7 +90,7 @@ int AmxStatus() {
   static const int status = [] {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 25 & 1)) return -1;
-    if (!(c >> 27 & 1)) return -1;  // OSXSAVE: XGETBV may be used
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return -1;  // OSXSAVE: XGETBV works
     unsigned lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     if ((lo >> 17 & 3) != 3) return -1;  // XTILECFG + XTILEDATA not enabled by the OS

@@ -31,6 +31,7 @@
 //     kMaxTiles tiles of 16 queries in registers (a GEMM micro-kernel).
 //   * Many int8 queries with AVX2: the same with tiles of 8 queries, 3 rows x 2 tiles in registers
 //     (AVX-VNNI: 6 rows x 2 tiles, one vpdpbusd per 4 bytes of a row and 8 queries).
+//   * Many int8 queries with AMX: 32 rows x 32 queries x 64 bytes per step in tile registers.
 //   * Many float16 / bfloat16 queries with AVX2: 48 rows widened to float32 once, then a float32
 //     GEMM blocking (6 rows x 2 tiles of 8 queries, 128 dimensions per pass).
 // Rows are split into blocks shared by XLA's intra-op thread pool and the calling thread.
