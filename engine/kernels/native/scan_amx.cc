@@ -83,6 +83,9 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+// In static storage: the intrinsic's asm declares only 8 of the 64 bytes as read, so a local copy's
+// other stores could be optimised away.
+const TileConfig kTileConfig{};
 
 // Scores of one row against tile t of 16 queries from its 16 products, into the heaps.
 AMX_TARGET inline void Emit16(const Problem& p, Worker& w, int64_t row, int64_t t,
@@ -133,8 +136,7 @@ AMX_TARGET void AmxMicro(const Problem& p, Worker& w, const uint8_t* a, int64_t 
 
 AMX_TARGET void ScanBlockAmx(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
   if (p.q <= kSmallQ) return;  // the handler sends only batches here
-  const TileConfig cfg;
-  TILE_CONFIG(&cfg);  // per thread; it also zeroes the tiles
+  TILE_CONFIG(&kTileConfig);  // per thread; it also zeroes the tiles
   const int64_t kp = (p.row_bytes + 63) / 64 * 64;
   for (int64_t r = r0; r < r1; r += 32) {
     const int64_t m = std::min<int64_t>(32, r1 - r);
