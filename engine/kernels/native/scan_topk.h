@@ -160,7 +160,8 @@ struct Worker {
 struct Kernel {
   void (*scan)(const Problem& p, Worker& w, int64_t r0, int64_t r1);
   int qbytes;  // few queries: packed query bytes per 64 bytes of a row
-  int lanes;   // many queries: queries per tile (16 AVX-512, 8 AVX2); 0: few queries only
+  int lanes;   // many queries: queries per tile (16 AVX-512 and AMX, 8 AVX2 and AVX-VNNI); 0: few
+               // queries only
 };
 
 // The loops of each instruction set, by row type. Each is called only after a run-time check that
