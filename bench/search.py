@@ -124,7 +124,8 @@ def peak_gflops() -> dict:
   t, _ = timed(lambda: g(ab, bb), 3)
   out["jax_bf16"] = 2 * 128 * 512 * 65536 / t / 1e9
   if native.available():  # the instruction ceiling of the native int8 path, all cores at once
-    out[f"native_int8_{native.isa('int8')}"] = native.int8_peak_gops(len(os.sched_getaffinity(0)))
+    path = native.pick_path("int8", 1, native.paths("int8"))  # the peak's path (never AMX)
+    out[f"native_int8_{path}"] = native.int8_peak_gops(len(os.sched_getaffinity(0)))
   return out
 
 

@@ -22,7 +22,7 @@ from engine.kernels import native, streaming
 from engine.kernels import topk as topk_lib
 from engine.store import Index, quantize_int8
 
-INT8_PATHS = ["avx512-vnni", "avx2"]
+INT8_PATHS = ["amx-int8", "avx512-vnni", "avx-vnni", "avx2"]
 BF16_PATHS = ["avx512-bf16", "avx2"]
 F16_PATHS = ["avx512", "avx2"]
 
@@ -39,6 +39,8 @@ def built():
 def _need(dtype, isa=None, queries=1):
   if isa is not None and isa not in native.paths(dtype):
     pytest.skip(f"this CPU does not run the {isa} path of the {dtype} kernel ({native.status()})")
+  if isa is not None and native.pick_path(dtype, queries, [isa]) is None:
+    pytest.skip(f"the {isa} path of the {dtype} kernel does not take {queries} queries")
   if not native.available(dtype, queries):
     pytest.skip(native.status())
 
@@ -102,7 +104,7 @@ def test_int8_extremes_do_not_saturate(built):
   q8 = np.full((9, d), -127, np.int8)
   q8[1::2] = 127
   for isa in native.paths("int8"):
-    for nq in (1, 9):
+    for nq in (1, 9) if native.pick_path("int8", 1, [isa]) else (9,):
       vals, ids = _call(
         q8[:nq],
         m8,
@@ -126,7 +128,7 @@ def test_ties_go_to_the_lower_row_whatever_the_threads(built, isa):
   n, d, k = 20000, 64, 25
   m8 = np.tile(np.arange(-32, 32, dtype=np.int8), (n, 1))
   ones = np.ones(n, np.float32)
-  for q in (6, 20):
+  for q in (6, 20) if native.pick_path("int8", 6, [isa]) else (20,):
     q8 = np.ones((q, d), np.int8)
     for _ in range(3):
       vals, ids = _call(q8, m8, ones, np.ones(q, np.float32), np.zeros(n, np.float32), k, isa)
@@ -180,6 +182,117 @@ def test_vmap_over_query_batches(built):
     sb, ib = topk_lib.topk(qs[b], m8, 6, scales=scale)
     np.testing.assert_array_equal(np.asarray(i[b]), np.asarray(ib))
     np.testing.assert_array_equal(np.asarray(s[b]), np.asarray(sb))
+
+
+def _fma32(a, b, c):
+  """float32 a * b + c with one rounding: the product of two float32 is exact in float64, the sum
+  rounds once to float64 and again to float32 (a double rounding that differs from a true FMA
+  with probability ~2**-29 per element)."""
+  return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+RANK_ONE_Q = [1, 3, 9, 40, 100]  # few-query loop, one and two tiles of 8 / 16, many tiles
+
+
+def _rank_one_inputs(rng, n, q):
+  scale = rng.uniform(0.5, 1.5, n).astype(np.float32)
+  qmul = rng.uniform(0.5, 1.5, q).astype(np.float32)
+  bias = np.where(rng.random(n) < 0.15, -np.inf, 0.0).astype(np.float32)  # tombstones, filters
+  qoff = rng.normal(0, 0.3, q).astype(np.float32)
+  weight = rng.uniform(0.2, 3.0, n).astype(np.float32)
+  return scale, qmul, bias, qoff, weight
+
+
+@pytest.mark.parametrize("q", RANK_ONE_Q)
+@pytest.mark.parametrize("isa", INT8_PATHS)
+def test_int8_rank_one_term_is_exact(built, isa, q):
+  # fma(dot * scale, qmul, qoff * weight) + bias in float32, on every loop: exact scores, exact
+  # ranking (ties to the lower row).
+  _need("int8", isa, q)
+  rng = np.random.default_rng(100 + q)
+  n, d, k = 4500, 132, 12
+  m8 = rng.integers(-128, 128, (n, d), dtype=np.int8)
+  q8 = rng.integers(-127, 128, (q, d), dtype=np.int8)
+  scale, qmul, bias, qoff, weight = _rank_one_inputs(rng, n, q)
+  fn = jax.jit(
+    lambda *a: native.scan_topk(*a[:5], k=k, query_offset=a[5], row_weight=a[6], isa=isa)
+  )
+  vals, ids = (np.asarray(a) for a in fn(q8, m8, scale, qmul, bias, qoff, weight))
+  dot = (q8.astype(np.int64) @ m8.astype(np.int64).T).astype(np.float32)
+  ref = _fma32(dot * scale[None], qmul[:, None], qoff[:, None] * weight[None]) + bias[None]
+  ref_vals, ref_ids = _reference(ref, k)
+  np.testing.assert_array_equal(ids, ref_ids)
+  np.testing.assert_array_equal(vals, ref_vals)
+
+
+@pytest.mark.parametrize("q", RANK_ONE_Q)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_float_rank_one_term_against_float64(built, dtype, q):
+  rng = np.random.default_rng(200 + q)
+  n, d, k = 4500, 96, 10
+  rows = clustered(rng, n, d, 40)
+  m = rows.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+  queries = rng.standard_normal((q, d)).astype(np.float32)
+  scale, qmul, bias, qoff, weight = _rank_one_inputs(rng, n, q)
+  for isa in native.paths(dtype):
+    if not native.available(dtype, q) or native._path_for(dtype, q, isa) != isa:
+      continue  # this path serves few queries
+    vals, ids = (
+      np.asarray(a)
+      for a in native.scan_topk(
+        queries, m, scale, qmul, bias, k, query_offset=qoff, row_weight=weight, isa=isa
+      )
+    )
+    rounded = q > native.FEW_QUERIES and isa == "avx512-bf16"  # batches round queries to bf16
+    qref = queries.astype(ml_dtypes.bfloat16).astype(np.float32) if rounded else queries
+    exact = (qref.astype(np.float64) @ m.astype(np.float64).T) * scale * qmul[:, None]
+    exact += bias + qoff[:, None].astype(np.float64) * weight
+    tol = 1e-2 if rounded else 1e-4
+    np.testing.assert_allclose(vals, np.take_along_axis(exact, ids, 1), atol=tol)
+    assert np.all(vals[:, -1] >= -np.sort(-exact, axis=1)[:, k - 1] - tol)
+    assert not np.isin(ids, np.flatnonzero(bias == -np.inf)).any()
+
+
+@pytest.mark.parametrize("q", RANK_ONE_Q)
+@pytest.mark.parametrize(
+  "dtype,method", [("int8", "int8"), ("bfloat16", "bf16"), ("float16", "f32")]
+)
+def test_topk_with_statistics_runs_the_kernel_for_batches(built, dtype, method, q):
+  # `topk` with a rank-one term takes the native kernel for any Q the kernel serves (it used to
+  # send batches to XLA) and agrees with XLA's path: int8 to an ulp (XLA contracts one product or
+  # the other into an FMA), floats to the rounding of their products.
+  if not topk_lib._uses_native(method, jax.numpy.dtype(dtype), q, 64):
+    pytest.skip(f"no native {dtype} kernel for {q} queries here ({native.status()})")
+  rng = np.random.default_rng(300 + q)
+  x = clustered(rng, 6000, 64, 60)
+  if dtype == "int8":
+    m, scales = quantize_int8(x)
+  else:
+    m = x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+    scales = rng.uniform(0.5, 2.0, len(x)).astype(np.float32)
+  queries = x[rng.integers(0, len(x), q)] + 0.05 * rng.standard_normal((q, 64)).astype(np.float32)
+  valid = rng.random(len(x)) > 0.25
+  qoff = rng.normal(0, 0.5, q).astype(np.float32)
+  weight = rng.uniform(0.5, 2.0, len(x)).astype(np.float32)
+  kw = dict(scales=scales, valid=valid, query_offset=qoff, row_weight=weight)
+  target = native._TARGETS[dtype]
+  assert target in str(
+    jax.make_jaxpr(lambda *a: topk_lib.topk(*a, 10, method=method, **kw))(queries, m)
+  )
+  a = topk_lib.topk(queries, m, 10, method=method, **kw)
+  b = topk_lib.topk(queries, m, 10, method=f"{method}-xla", **kw)
+  if dtype == "int8":
+    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-6, atol=1e-6)
+    same = np.asarray(a[1]) == np.asarray(b[1])
+    assert same.mean() >= 0.98  # the others: near ties, swapped by an ulp
+  else:  # the XLA bf16 product rounds the queries to bf16; the kernel keeps them float32
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = (qn.astype(np.float64) @ m.astype(np.float64).T) * scales + qoff[:, None] * weight
+    exact[:, ~valid] = -np.inf
+    got = np.take_along_axis(exact, np.asarray(a[1]), 1)
+    np.testing.assert_allclose(np.asarray(a[0]), got, rtol=1e-5, atol=1e-5)
+    assert np.all(got[:, -1] >= -np.sort(-exact, axis=1)[:, 9] - 1e-5)
+  assert not np.isin(np.asarray(a[1]), np.flatnonzero(~valid)).any()
 
 
 @pytest.mark.parametrize("isa", BF16_PATHS)
@@ -305,6 +418,139 @@ def test_neon_loops_under_qemu(tmp_path, march):
   assert out.stdout.count(": ok") == 27
 
 
+@pytest.mark.skipif(
+  not (shutil.which("g++") and {"avx2", "fma", "f16c"} <= native.cpu_flags()),
+  reason="needs g++ and an AVX2 + FMA + F16C CPU",
+)
+def test_avx_vnni_and_amx_loops_with_the_instructions_emulated(tmp_path):
+  # Neither this project's CPU nor qemu-x86_64 7.2 runs AVX-VNNI or AMX: the loops around the VEX
+  # vpdpbusd and the tile instructions (packing, row sums, tiles, scratch copies, rank-one term,
+  # heaps) run with those replaced by exact equivalents, against integer references; the
+  # instructions themselves are checked in the object code.
+  exe = tmp_path / "emulated_check"
+  src = native.SOURCE.with_name("emulated_check.cc")
+  flags = ["-O2", "-std=c++17", "-ffp-contract=off", "-w"]
+  include = [f"-I{jax.ffi.include_dir()}", f"-I{native.SOURCE.parent}"]
+  subprocess.run(["g++", *flags, *include, str(src), "-o", str(exe)], check=True)
+  out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert out.stdout.count("avx-vnni (emulated)") == 21, out.stdout
+  assert out.stdout.count("amx-int8 (emulated)") == 15, out.stdout
+  assert "MISMATCH" not in out.stdout
+
+
+# The kCpu* bits of scan_topk.h, by /proc/cpuinfo names.
+_CPU_BITS = {
+  frozenset({"avx2", "fma", "f16c"}): 1,
+  frozenset({"avx512f", "avx512bw"}): 2,
+  frozenset({"avx512_vnni"}): 4,
+  frozenset({"avx512_bf16"}): 8,
+  frozenset({"avx_vnni"}): 16,
+  frozenset({"amx_tile", "amx_int8"}): 32,  # and Linux granted the tile state
+}
+_CPUS = {  # /proc/cpuinfo flags (the relevant ones) of CPUs this machine is not
+  "zen3": {"avx2", "fma", "f16c"},
+  "alder_lake": {"avx2", "fma", "f16c", "avx_vnni"},
+  "ice_lake": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"},
+  "sapphire_rapids": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}
+  | {"avx_vnni", "amx_tile", "amx_int8", "amx_bf16"},
+  "avx_only": {"avx", "sse4_2"},
+}
+_BEST_INT8 = {  # cpu: (path for 1 query, for 100)
+  "zen3": ("avx2", "avx2"),
+  "alder_lake": ("avx-vnni", "avx-vnni"),
+  "ice_lake": ("avx512-vnni", "avx512-vnni"),
+  "sapphire_rapids": ("avx512-vnni", "amx-int8"),
+  "avx_only": (None, None),
+}
+
+
+@pytest.mark.parametrize("cpu", sorted(_CPUS))
+def test_dispatch_is_a_function_of_the_cpu_flags(built, cpu):
+  # The Python choice (/proc/cpuinfo names) and the library's (cpuid bits) agree for each CPU.
+  flags = frozenset(_CPUS[cpu])
+  lib = native._load().lib
+  if lib is None:
+    pytest.skip(native.status())
+  bits = sum(b for names, b in _CPU_BITS.items() if names <= flags)
+  for code, dtype in enumerate(native.DTYPES):
+    mask = lib.vgg_topk_isas_for(code, bits)
+    codes = {name: c for name, c, _ in native.ISAS[dtype]}
+    names = [p for p in native.paths_for(dtype, flags) if p != "neon"]
+    assert mask == sum(1 << codes[p] for p in names), (dtype, mask, names)
+    if dtype == "int8":
+      few, many = (native.pick_path("int8", q, names) for q in (1, 100))
+      assert (few, many) == _BEST_INT8[cpu]
+      assert native.pick_path("int8", 9, names) == many
+  assert lib.vgg_topk_isas_for(0, lib.vgg_cpu_features()) == lib.vgg_topk_isas(0)
+  if not {"amx_tile", "amx_int8"} <= native.cpu_flags():
+    assert lib.vgg_amx_status() == -1  # no AMX: nothing asked of Linux, no reason to give
+
+
+@pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils)")
+def test_the_library_holds_vex_vpdpbusd_only_in_the_avx_vnni_loops(built):
+  # The AVX-VNNI loops are compiled in (VEX-encoded vpdpbusd on ymm) and no other function has
+  # the instruction in that form: an AVX2-only CPU never meets it.
+  text = subprocess.run(
+    ["objdump", "-d", "-C", "--no-show-raw-insn", str(native.library_path())],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  where, fn = {}, None
+  for line in text.splitlines():
+    if line.endswith(">:"):
+      fn = line[line.index("<") + 1 : -2]
+    elif "{vex} vpdpbusd" in line and "%ymm" in line:
+      where[fn] = where.get(fn, 0) + 1
+  assert where, "no VEX vpdpbusd in the library"
+  assert all("Vnni" in name for name in where), sorted(where)
+  assert any("VnniMicro62" in name for name in where) and any("ScanSmallVnni" in n for n in where)
+
+
+def test_a_cpu_whose_amx_is_refused_runs_the_next_path_and_says_why(built, caplog):
+  # Flags that promise AMX (as /proc/cpuinfo would) on a CPU whose cpuid, or whose kernel, says
+  # no: the int8 kernel keeps its other paths and the reason is logged once and in the status.
+  flags = native.cpu_flags() | {"avx512f", "avx512bw", "amx_tile", "amx_int8"}
+  state = native._probe(flags)
+  if state.lib is None:
+    pytest.skip(native.status())
+  if state.lib.vgg_amx_status() == 0:
+    pytest.skip("this CPU runs AMX")
+  assert "amx-int8" not in state.paths["int8"] and state.paths["int8"]
+  (note,) = state.notes
+  assert note.startswith("amx-int8 not used: ")
+
+  class Refused:  # the library's answer where Linux refuses the tile state (EPERM)
+    def vgg_amx_status(self):
+      return 1
+
+  assert "Linux refused" in native._amx_refusal(Refused())
+  assert os.strerror(1) in native._amx_refusal(Refused())
+
+
+@pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils)")
+def test_the_library_holds_amx_instructions_only_in_the_amx_loop(built):
+  text = subprocess.run(
+    ["objdump", "-d", "-C", "--no-show-raw-insn", str(native.library_path())],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  where, fn = {}, None
+  for line in text.splitlines():
+    if line.endswith(">:"):
+      fn = line[line.index("<") + 1 : -2]
+    else:
+      for op in ("tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease", "tilezero"):
+        if f"\t{op} " in line or line.endswith(f"\t{op}"):
+          where.setdefault(op, set()).add(fn)
+  assert set(where) == {"tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease"} | (
+    {"tilezero"} & set(where)
+  ), sorted(where)
+  assert all("Amx" in f for fns in where.values() for f in fns), where
+
+
 # ---- build, trust and fallback: these run on every CPU ----
 
 
@@ -331,7 +577,8 @@ def test_the_build_compiles_every_source_and_its_key_covers_each_file(monkeypatc
   # Every .cc of the package but the test program goes into the library, and a change to any
   # source or to the header names another library (a stale one is never loaded for new code).
   here = native.SOURCE.parent
-  assert {p.name for p in native.SOURCES} == {p.name for p in here.glob("*.cc")} - {"neon_check.cc"}
+  checks = {"neon_check.cc", "emulated_check.cc"}  # test programs
+  assert {p.name for p in native.SOURCES} == {p.name for p in here.glob("*.cc")} - checks
   assert {p.name for p in native.HEADERS} == {p.name for p in here.glob("*.h")}
   files = (*native.SOURCES, *native.HEADERS)
   keys = {native._key(sys.executable)}

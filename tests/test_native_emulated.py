@@ -1,4 +1,4 @@
-"""The x86 loops of the native kernels that this CPU may lack (AVX-512 VNNI / BF16), run under SIMDe.
+"""The x86 loops of the native kernels this CPU may lack (AVX-512 VNNI / BF16, AVX-VNNI, AMX), emulated.
 
 tests/test_native.py checks every instruction-set path the CPU runs; on an AVX2-only machine that
 leaves the AVX-512 loops compiled but never executed. Here a child process builds the library
@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # over `native.paths`): integer / float64 brute force, extremes, ties across threads.
 PER_PATH = (
   "int8_kernel_equals_integer_brute_force or int8_extremes or ties_go_to_the_lower_row"
-  " or bf16_kernel_against_float64 or f16_kernel_against_float64"
+  " or bf16_kernel_against_float64 or f16_kernel_against_float64 or int8_rank_one_term_is_exact"
+  " or float_rank_one_term_against_float64"
 )
 
 
@@ -45,10 +46,15 @@ def test_every_x86_path_under_emulation():
   # Every AVX-512 path ran (none skipped for want of the CPU), next to the AVX2 ones.
   for test, path in [
     ("test_int8_kernel_equals_integer_brute_force", "avx512-vnni"),
+    ("test_int8_kernel_equals_integer_brute_force", "avx-vnni"),
+    ("test_int8_kernel_equals_integer_brute_force", "amx-int8"),
+    ("test_int8_rank_one_term_is_exact", "avx512-vnni"),
+    ("test_int8_rank_one_term_is_exact", "amx-int8"),
     ("test_ties_go_to_the_lower_row_whatever_the_threads", "avx512-vnni"),
     ("test_bf16_kernel_against_float64", "avx512-bf16"),
     ("test_f16_kernel_against_float64", "avx512"),
     ("test_int8_kernel_equals_integer_brute_force", "avx2"),
   ]:
-    assert any(t == test and p.endswith(path) for t, p in passed), (test, path, proc.stdout[-3000:])
+    ran = any(t == test and f"-{path}-" in f"-{p}-" for t, p in passed)
+    assert ran, (test, path, proc.stdout[-3000:])
   assert "test_int8_extremes_do_not_saturate PASSED" in proc.stdout

@@ -322,5 +322,5 @@ def test_the_kernel_picks_the_right_candidates(tmp_path, dtype, policy):
     # int8 queries carry their rounding (~1e-2): a near tie can fall outside the 2 candidates.
     assert hit.mean() >= (0.9 if dtype == "int8" else 1.0), hit.mean()
     np.testing.assert_allclose(s[hit, 0], ref.max(1)[hit], atol=1e-5)
-    one = [idx.search(q[i : i + 1], k=1)[1][0, 0] for i in range(8)]  # the native per-row bias
+    one = [idx.search(q[i : i + 1], k=1)[1][0, 0] for i in range(8)]  # the few-query loop
     assert np.mean([key == f"k{ref[i].argmax()}" for i, key in enumerate(one)]) >= 0.75

@@ -272,8 +272,8 @@ def topk(
       "-xla" forms never); None picks the fastest measured for Q and the dtype.
     query_offset, row_weight: [Q] and [N] float32, given together (cosine only): every score
       gains `query_offset[q] * row_weight[r]`, added to the scores of the normalised queries (a
-      rank-one term: collection statistics, `engine.store.statistics`). One query keeps the
-      native kernel (the term is a per-row bias); batches run XLA's products.
+      rank-one term: collection statistics, `engine.store.statistics`), in the native kernels
+      as in XLA's products.
 
   Returns:
     scores: [Q, k] float32, best first (-inf where fewer than k rows are valid).
@@ -302,8 +302,6 @@ def topk(
   offsets = None
   if query_offset is not None:
     offsets = (jnp.asarray(query_offset, jnp.float32), jnp.asarray(row_weight, jnp.float32))
-    if method in _NATIVE and queries.shape[0] > 1:
-      method = f"{method}-xla"  # the native kernel adds a per-row bias only
   if _uses_native(method, matrix.dtype, queries.shape[0], matrix.shape[1]):
     # The fused kernel runs on CPUs; other platforms lower XLA's product (same ranking).
     return lax.platform_dependent(
@@ -361,7 +359,8 @@ def _uses_native(method: str, dtype, q: int, d: int | None = None) -> bool:
 def _topk_native(queries, matrix, scales, valid, offsets=None, *, k, metric):
   """The fused scan + top-k of `engine/kernels/native/scan_topk.cc`: no [Q, N] scores in memory.
 
-  The kernel ranks dot(query, row) * scale * qmul + bias. int8 queries are quantised exactly as in
+  The kernel ranks dot(query, row) * scale * qmul + bias (+ query_offset * row_weight, the
+  rank-one term of collection statistics, for any number of queries). int8 queries are quantised exactly as in
   the XLA "int8" method, so cosine scores are bit-identical to it on every path; bfloat16 takes
   the float32 queries (AVX2: rows widened exactly, float32 FMA; AVX-512: a bf16 high + low pair
   for Q <= 8, accurate to ~1e-5, rounded to bf16 above, ~1e-3); float16 rows are widened exactly
@@ -375,15 +374,17 @@ def _topk_native(queries, matrix, scales, valid, offsets=None, *, k, metric):
     q_in, qscale = queries, jnp.ones((queries.shape[0], 1), jnp.float32)
   scales = jnp.ones((n,), jnp.float32) if scales is None else scales.astype(jnp.float32)
   bias = jnp.zeros((n,), jnp.float32) if valid is None else jnp.where(valid, 0.0, -jnp.inf)
-  if offsets is not None:  # one query (`topk` sends batches to XLA): a per-row bias
-    bias = bias + offsets[0][0] * offsets[1]
+  if offsets is not None:  # the query scale inside, as XLA's path has it before the term
     qmul = qscale[:, 0]
   elif metric == "l2":
     bias = bias - _sq_norms(matrix, scales if int8 else None)
     qmul = 2.0 * qscale[:, 0]
   else:
     qmul = jnp.ones((queries.shape[0],), jnp.float32)
-  scores, ids = native.scan_topk(q_in, matrix, scales, qmul, bias, min(k, n))
+  query_offset, row_weight = (None, None) if offsets is None else offsets
+  scores, ids = native.scan_topk(
+    q_in, matrix, scales, qmul, bias, min(k, n), query_offset=query_offset, row_weight=row_weight
+  )
   if metric == "l2":
     scores = scores - jnp.sum(queries * queries, axis=1, keepdims=True)
   elif int8 and offsets is None:

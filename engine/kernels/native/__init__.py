@@ -2,8 +2,9 @@
 
 `scan_topk.cc` is a fused scan + top-k over int8, bfloat16 and float16 rows (see `scan_topk.h` and
 BUILD.md for why XLA's own products are not enough on CPU); the loops of each instruction set live in
-`scan_avx512.cc`, `scan_avx2.cc` and `scan_neon.cc`, all compiled by one compiler run into one
-library (`SOURCES`; `neon_check.cc` is a test program). This module is its only Python face:
+`scan_avx512.cc`, `scan_avx2.cc`, `scan_amx.cc` and `scan_neon.cc`, all compiled by one compiler
+run into one library (`SOURCES`; `neon_check.cc` and `emulated_check.cc` are test programs). This
+module is its only Python face:
 `scan_topk(...)` is the FFI call that `engine.kernels.topk` and the tests make, `available(dtype)`
 and `isa(dtype)` say whether and how a dtype runs natively here, `build()` compiles the library.
 
@@ -19,7 +20,9 @@ all. On x86-64 the one library holds the AVX2 and the AVX-512 loops (per-functio
 attributes, baseline code elsewhere: no file is compiled with -m flags, so no AVX-512 code reaches
 the paths an AVX2 CPU runs) and each call takes the best one the CPU has, unless `isa` names another
 (tests):
-  * int8: AVX512-VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd);
+  * int8: AMX-INT8 (tiles, TDPBSSD) for batches, else AVX512-VNNI (vpdpbusd), else AVX-VNNI (its
+    VEX form on 256 bits), else AVX2 (vpmaddubsw + vpmaddwd); Linux must grant a process the AMX
+    tile state, and where it refuses the next path runs and `status()` says why;
   * bfloat16: AVX512-BF16 (vdpbf16ps), else AVX2 (rows widened by a shift, FMA);
   * float16: AVX-512 (few queries), else AVX2 + F16C (vcvtph2ps, FMA).
 On AArch64 NEON loops serve up to 8 queries (int8 with sdot when the CPU has it: the library is then
@@ -67,7 +70,8 @@ _HERE = Path(__file__).parent
 # The library's sources, in one place: compiled together by one compiler run. Each loop file is
 # empty on the other architecture (#if), so one list serves x86-64 and AArch64.
 SOURCES = tuple(
-  _HERE / name for name in ("scan_topk.cc", "scan_avx512.cc", "scan_avx2.cc", "scan_neon.cc")
+  _HERE / name
+  for name in ("scan_topk.cc", "scan_avx512.cc", "scan_avx2.cc", "scan_amx.cc", "scan_neon.cc")
 )
 HEADERS = (_HERE / "scan_topk.h", _HERE / "simd_x86.h")
 SOURCE = SOURCES[0]  # the dispatch and the FFI handlers
@@ -81,14 +85,24 @@ _AVX2 = frozenset({"avx2", "fma", "f16c"})
 _AVX512 = frozenset({"avx512f", "avx512bw"})
 _NEON = ("neon", 3, frozenset({"asimd"}))  # AArch64; int8 uses sdot where the CPU has asimddp
 ISAS = {
-  "int8": (("avx512-vnni", 2, _AVX512 | {"avx512_vnni"}), ("avx2", 1, _AVX2), _NEON),
+  "int8": (
+    ("amx-int8", 5, _AVX512 | {"amx_tile", "amx_int8"}),  # batches only (MANY_ONLY)
+    ("avx512-vnni", 2, _AVX512 | {"avx512_vnni"}),
+    ("avx-vnni", 4, _AVX2 | {"avx_vnni"}),  # the VEX vpdpbusd (Alder Lake, Sapphire Rapids, Zen 5)
+    ("avx2", 1, _AVX2),
+    _NEON,
+  ),
   "bfloat16": (("avx512-bf16", 2, _AVX512 | {"avx512_bf16"}), ("avx2", 1, _AVX2), _NEON),
   "float16": (("avx512", 2, _AVX512), ("avx2", 1, _AVX2), _NEON),
 }
 # Queries per call of the few-query-only paths (the others take any number).
 FEW_QUERIES = 8
+# Paths for more than FEW_QUERIES queries only: few queries take the next path.
+MANY_ONLY = {("int8", "amx-int8")}
 MANY_QUERIES = {
+  ("int8", "amx-int8"),
   ("int8", "avx512-vnni"),
+  ("int8", "avx-vnni"),
   ("int8", "avx2"),
   ("bfloat16", "avx512-bf16"),
   ("bfloat16", "avx2"),
@@ -135,8 +149,10 @@ def cpu_flags() -> frozenset[str]:
   return frozenset()
 
 
-def _paths(dtype: str, flags: frozenset[str]) -> list[str]:
-  """The instruction-set paths of `dtype` that a CPU with `flags` runs, best first."""
+def paths_for(dtype: str, flags: frozenset[str]) -> list[str]:
+  """The instruction-set paths of `dtype` that a CPU with /proc/cpuinfo `flags` runs, best first:
+  the dispatch decision as a pure function (the library's own cpuid check must agree, see
+  `_probe`; tests ask it about CPUs this machine is not)."""
   return [name for name, _, need in ISAS[dtype] if need <= flags]
 
 
@@ -259,7 +275,7 @@ def _cannot_run(flags: frozenset[str]) -> str | None:
   """Why no kernel of the library runs on this machine, or None."""
   if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
     return f"the kernels are for x86-64 and AArch64 (this machine: {platform.machine()})"
-  if not any(_paths(d, flags) for d in DTYPES):
+  if not any(paths_for(d, flags) for d in DTYPES):
     return "this CPU has neither AVX2 + FMA + F16C nor AVX-512 (nor NEON)"
   return None
 
@@ -313,6 +329,7 @@ class _State:
   lib: ctypes.CDLL | None
   paths: dict[str, list[str]]  # dtype -> usable paths, best first
   reasons: dict[str, str]  # dtype -> why it has none
+  notes: list[str] = dataclasses.field(default_factory=list)  # paths the CPU has but not in use
   warned: bool = False
 
 
@@ -340,14 +357,16 @@ def _probe(flags: frozenset[str]) -> _State:
     lib = ctypes.CDLL(str(lib_path))
   except OSError as e:
     return _State(None, {}, dict.fromkeys(DTYPES, f"could not load {lib_path.name}: {e}"))
-  paths, reasons = {}, {}
+  paths, reasons, notes = {}, {}, []
   for dtype in DTYPES:
     # Both the kernel's own cpuid check and /proc/cpuinfo must agree that a path runs here.
     probe = lib.vgg_topk_isas
     probe.restype, probe.argtypes = ctypes.c_int, [ctypes.c_int]
     mask = probe(DTYPES.index(dtype))
     codes = {name: code for name, code, _ in ISAS[dtype]}
-    paths[dtype] = [p for p in _paths(dtype, flags) if mask >> codes[p] & 1]
+    paths[dtype] = [p for p in paths_for(dtype, flags) if mask >> codes[p] & 1]
+    if dtype == "int8" and "amx-int8" in paths_for(dtype, flags) and "amx-int8" not in paths[dtype]:
+      notes.append(f"amx-int8 not used: {_amx_refusal(lib)}")
     if not paths[dtype]:
       reasons[dtype] = "this CPU lacks " + " or ".join(name.upper() for name, _, _ in ISAS[dtype])
       continue
@@ -355,7 +374,17 @@ def _probe(flags: frozenset[str]) -> _State:
       handler = jax.ffi.pycapsule(getattr(lib, _HANDLERS[dtype]))
       jax.ffi.register_ffi_target(_TARGETS[dtype], handler, platform="cpu")
       _registered.add(_TARGETS[dtype])
-  return _State(lib, paths, reasons)
+  return _State(lib, paths, reasons, notes)
+
+
+def _amx_refusal(lib: ctypes.CDLL) -> str:
+  """Why a CPU whose flags list AMX-INT8 does not get the AMX path (the library's AmxStatus)."""
+  code = lib.vgg_amx_status()
+  if code == -1:
+    return "the library found no usable AMX tile state (cpuid / XCR0)"
+  if code == 0:
+    return "the library was built by a compiler without AMX support"
+  return f"Linux refused this process the AMX tile state (arch_prctl: {os.strerror(code)})"
 
 
 def _load() -> _State:
@@ -366,6 +395,9 @@ def _load() -> _State:
     if _state.reasons and not _state.warned:
       _state.warned = True
       logging.warning("%s; XLA's products run instead", _describe(_state))
+    elif _state.notes and not _state.warned:
+      _state.warned = True
+      logging.warning("native scan kernels: %s", "; ".join(_state.notes))
     return _state
 
 
@@ -378,12 +410,20 @@ def _describe(state: _State) -> str:
   return f"native scan kernels in use for {', '.join(on)}; not for {'; '.join(parts)}"
 
 
-def _path_for(dtype: str, queries: int, isa: str | None = None) -> str | None:
-  """The best path here (or `isa`, if it runs here) that scans `queries` queries per call."""
-  for path in _load().paths.get(dtype, []):
+def pick_path(dtype: str, queries: int, paths: list[str], isa: str | None = None) -> str | None:
+  """The first of `paths` (best first, e.g. `paths_for(dtype, flags)`), or `isa` if among them,
+  that scans `queries` queries per call: the per-call dispatch, a pure function."""
+  for path in paths:
+    if queries <= FEW_QUERIES and (dtype, path) in MANY_ONLY:
+      continue
     if isa in (None, path) and (queries <= FEW_QUERIES or (dtype, path) in MANY_QUERIES):
       return path
   return None
+
+
+def _path_for(dtype: str, queries: int, isa: str | None = None) -> str | None:
+  """The best path here (or `isa`, if it runs here) that scans `queries` queries per call."""
+  return pick_path(dtype, queries, _load().paths.get(dtype, []), isa)
 
 
 def available(dtype: str = "int8", queries: int = 1) -> bool:
@@ -405,9 +445,21 @@ def paths(dtype: str) -> list[str]:
   return list(_load().paths.get(dtype, []))
 
 
-def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = None):
+def scan_topk(
+  queries,
+  matrix,
+  scales,
+  qmul,
+  bias,
+  k: int,
+  *,
+  query_offset=None,
+  row_weight=None,
+  isa: str | None = None,
+):
   """The fused scan: the k best rows per query by `dot(queries[q], matrix[r]) * scales[r] *
-  qmul[q] + bias[r]`, ties to the lower row (an `jax.ffi.ffi_call`; works under jit and vmap).
+  qmul[q] + bias[r] + query_offset[q] * row_weight[r]`, computed in that order in float32 (no fused
+  multiply-adds), ties to the lower row (an `jax.ffi.ffi_call`; works under jit and vmap).
 
   Args:
     queries: [Q, D] int8 in [-127, 127] for an int8 matrix (as `topk` quantises them; the AVX2
@@ -415,6 +467,8 @@ def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = 
     matrix: [N, D] int8, bfloat16 or float16; D * itemsize a multiple of 4, D <= 65536.
     scales, bias: [N] float32 (bias -inf drops a row); qmul: [Q] float32.
     k: results per query, at most N.
+    query_offset, row_weight: [Q] and [N] float32, a rank-one term (collection statistics);
+      None for both: no term.
     isa: one of `paths(dtype)` to force that path; None takes the best one for Q queries.
 
   Returns:
@@ -434,18 +488,26 @@ def scan_topk(queries, matrix, scales, qmul, bias, k: int, *, isa: str | None = 
   path = _path_for(dtype, q, isa)
   if path is None:
     raise RuntimeError(f"no native {dtype} kernel for {q} queries here: {status()}")
+  if (query_offset is None) != (row_weight is None):
+    raise ValueError("query_offset and row_weight go together")
+  if query_offset is None:
+    query_offset = jnp.zeros((q,), jnp.float32)
+    row_weight = jnp.zeros((matrix.shape[0],), jnp.float32)
   codes = {name: code for name, code, _ in ISAS[dtype]}
   out = (
     jax.ShapeDtypeStruct((q, k), jnp.float32),
     jax.ShapeDtypeStruct((q, k), jnp.int32),
   )
   call = jax.ffi.ffi_call(_TARGETS[dtype], out, vmap_method="sequential")
-  return call(queries, matrix, scales, qmul, bias, isa=np.int64(codes[path]))
+  return call(
+    queries, matrix, scales, qmul, bias, query_offset, row_weight, isa=np.int64(codes[path])
+  )
 
 
 def int8_peak_gops(threads: int, seconds: float = 0.3) -> float:
-  """The int8 multiply-add instruction ceiling of the path in use, `threads` cores at once, GOP/s
-  (vpdpbusd with AVX512-VNNI, vpmaddubsw + vpmaddwd with AVX2)."""
+  """The int8 multiply-add instruction ceiling of the path one query takes, `threads` cores at
+  once, GOP/s (vpdpbusd with AVX512-VNNI or AVX-VNNI, vpmaddubsw + vpmaddwd with AVX2; AMX's
+  TDPBSSD is not measured)."""
   from concurrent.futures import ThreadPoolExecutor
 
   if not available("int8"):
@@ -466,4 +528,4 @@ def status() -> str:
     f"{d}: {'off (' + s.reasons[d] + ')' if d in s.reasons else 'in use, ' + '/'.join(s.paths[d])}"
     for d in DTYPES
   ]
-  return "native scan kernels: " + "; ".join(parts)
+  return "native scan kernels: " + "; ".join(parts + s.notes)

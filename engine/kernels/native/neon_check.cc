@@ -15,13 +15,21 @@ int Check(const char* name, int64_t n, int64_t d, int esize, const std::vector<u
           const std::vector<double>& ref_rows, const std::vector<uint8_t>& packed_q,
           const std::vector<double>& ref_q, int64_t nq, int64_t dp, double tol) {
   const int64_t k = 7;
-  std::vector<float> scale(n, 1.0f), bias(n, 0.0f), qmul(nq, 1.0f);
+  std::vector<float> scale(n, 1.0f), bias(n, 0.0f), qmul(nq, 1.0f), qoff(nq), weight(n);
   for (int64_t r = 0; r < n; r += 11) bias[r] = -std::numeric_limits<float>::infinity();
+  // The rank-one term: small integers for the exact int8 check (every sum stays exact in float32).
+  std::mt19937 rng(n + d + nq);
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::uniform_real_distribution<float> u(0.5f, 2.0f);
+  for (auto& v : qoff) v = tol == 0 ? small(rng) : u(rng) - 1.25f;
+  for (auto& v : weight) v = tol == 0 ? small(rng) + 3 : u(rng);
   Problem p{};
   p.m = rows.data();
   p.scale = scale.data();
   p.bias = bias.data();
   p.qmul = qmul.data();
+  p.qoff = qoff.data();
+  p.weight = weight.data();
   p.qpacked = packed_q.data();
   p.n = n, p.d = d, p.row_bytes = d * esize, p.dp = dp, p.q = nq, p.tiles = 1, p.k = k;
   Worker w;
@@ -34,6 +42,7 @@ int Check(const char* name, int64_t n, int64_t d, int esize, const std::vector<u
       if (r % 11 == 0) continue;
       double s = 0;
       for (int64_t c = 0; c < d; ++c) s += ref_q[j * d + c] * ref_rows[r * d + c];
+      s += double(qoff[j]) * weight[r];
       all.push_back({-s, r});
     }
     std::sort(all.begin(), all.end());

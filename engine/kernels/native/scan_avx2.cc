@@ -2,6 +2,12 @@
 // VNNI / BF16 extensions): 32 bytes of a row at a time, tiles of 8 queries.
 //   * int8: vpmaddubsw(|row|, sign(query, row)) then vpmaddwd with ones, s32 sums: exact, the
 //     same integer dot (|row| <= 128 and |query| <= 127: a pair sums to <= 32512, no saturation).
+//   * int8 with AVX-VNNI (Alder Lake, Sapphire Rapids and later: the VEX form of vpdpbusd on ymm):
+//     one vpdpbusd (u8 x s8 -> s32, 4 byte pairs per lane) instead of the three instructions above,
+//     queries stored as unsigned bytes q + 128 and 128 times the row sum subtracted, as in the
+//     AVX512-VNNI loops. With VGG_EMULATE_AVX_VNNI defined (vnni_check.cc, a test program) that
+//     instruction is replaced by an exact AVX2 equivalent, so the loops around it run on any AVX2
+//     CPU.
 //   * bfloat16 (widened by a 16-bit shift) and float16 (vcvtph2ps): vfmadd with float32 queries,
 //     exact widening.
 // Every function here carries its target attribute: the rest of the library stays baseline x86-64
@@ -10,6 +16,7 @@
 #if defined(__x86_64__)
 #include "simd_x86.h"
 
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -19,6 +26,11 @@ namespace vgg_scan {
 namespace {
 
 #define AVX2_TARGET VGG_TARGET("avx2,fma,f16c")
+#if defined(VGG_EMULATE_AVX_VNNI)
+#define AVX_VNNI_TARGET AVX2_TARGET
+#else
+#define AVX_VNNI_TARGET VGG_TARGET("avx2,fma,f16c,avxvnni")
+#endif
 
 // Bytes [j, j + 32) of a row of `bytes` bytes (a multiple of 4); zeros past its end.
 AVX2_TARGET inline __m256i LoadRow32(const uint8_t* p, int64_t j, int64_t bytes) {
@@ -87,8 +99,8 @@ struct FloatAvx2 {
 
 template <int Q, class E>
 AVX2_TARGET void ScanSmallAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
-  float qm[Q];
-  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j];
+  float qm[Q], qo[Q];
+  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j], qo[j] = p.qoff[j];
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.m + r * p.row_bytes;
     typename E::Acc acc[Q];
@@ -100,9 +112,9 @@ AVX2_TARGET void ScanSmallAvx2(const Problem& p, Worker& w, int64_t r0, int64_t 
       for (int j = 0; j < Q; ++j)
         acc[j] = E::DotRow(acc[j], p.qpacked + j * p.dp + c * (E::kQBytes / 64), x);
     }
-    const float sc = p.scale[r], b = p.bias[r];
+    const float sc = p.scale[r], b = p.bias[r], wr = p.weight[r];
     for (int j = 0; j < Q; ++j) {
-      float s = E::Score(acc[j]) * sc * qm[j] + b;
+      const float s = std::fma(E::Score(acc[j]) * sc, qm[j], qo[j] * wr) + b;
       if (s >= w.thr[j]) w.heaps[j].Push(s, int32_t(r));
     }
   }
@@ -112,8 +124,10 @@ AVX2_TARGET void ScanSmallAvx2(const Problem& p, Worker& w, int64_t r0, int64_t 
 // whose threshold they reach get them.
 AVX2_TARGET inline void Emit8(const Problem& p, Worker& w, int64_t row, int64_t t, __m256 dot) {
   const __m256 sc = _mm256_set1_ps(p.scale[row]);
-  const __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(dot, sc), _mm256_loadu_ps(p.qmul + t * 8)),
-                                 _mm256_set1_ps(p.bias[row]));
+  const __m256 off = _mm256_mul_ps(_mm256_loadu_ps(p.qoff + t * 8), _mm256_set1_ps(p.weight[row]));
+  const __m256 s = _mm256_add_ps(
+      _mm256_fmadd_ps(_mm256_mul_ps(dot, sc), _mm256_loadu_ps(p.qmul + t * 8), off),
+      _mm256_set1_ps(p.bias[row]));
   int hit =
       _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_loadu_ps(w.thr.data() + t * 8), _CMP_GE_OQ));
   if (!hit) return;
@@ -356,11 +370,183 @@ void ScanBlockAvx2(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
   }
 }
 
+#if VGG_HAVE_AVX_VNNI
+// ---- int8 with AVX-VNNI: queries as unsigned bytes q + 128, 8 per tile ----
+
+// acc + for each s32 lane the sum of its 4 products of unsigned bytes of `u` and signed bytes of
+// `s`, exactly (no saturation): vpdpbusd.
+AVX_VNNI_TARGET __attribute__((always_inline)) inline __m256i Dpbusd(__m256i acc, __m256i u,
+                                                                    __m256i s) {
+#if defined(VGG_EMULATE_AVX_VNNI)
+  // Even and odd bytes widened to 16 bits (u zero-, s sign-extended), then vpmaddwd: each 32-bit
+  // lane gets u0 s0 + u2 s2 and u1 s1 + u3 s3, |sum| <= 2 * 255 * 128.
+  const __m256i lo8 = _mm256_set1_epi16(0x00FF);
+  const __m256i even = _mm256_madd_epi16(_mm256_and_si256(u, lo8),
+                                         _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8));
+  const __m256i odd = _mm256_madd_epi16(_mm256_srli_epi16(u, 8), _mm256_srai_epi16(s, 8));
+  return _mm256_add_epi32(acc, _mm256_add_epi32(even, odd));
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+
+// 4 bytes at p in every 32-bit lane.
+AVX2_TARGET inline __m256i Bcast4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+AVX_VNNI_TARGET int32_t RowSumVnni(const uint8_t* row, int64_t bytes) {
+  const __m256i ones = _mm256_set1_epi8(1);
+  __m256i s = _mm256_setzero_si256();
+  for (int64_t c = 0; c < bytes; c += 32) s = Dpbusd(s, ones, LoadRow32(row, c, bytes));
+  return HsumI32(s);
+}
+
+// Few queries, packed [Q][dp] unsigned: one row at a time, its sum beside the products.
+template <int Q>
+AVX_VNNI_TARGET void ScanSmallVnni(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  const __m256i ones = _mm256_set1_epi8(1);
+  float qm[Q], qo[Q];
+  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j], qo[j] = p.qoff[j];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.m + r * p.row_bytes;
+    __m256i acc[Q];
+    for (int j = 0; j < Q; ++j) acc[j] = _mm256_setzero_si256();
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t c = 0; c < p.row_bytes; c += 32) {
+      if (c % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchBytes + c), _MM_HINT_T0);
+      const __m256i x = LoadRow32(row, c, p.row_bytes);
+      sum = Dpbusd(sum, ones, x);
+      for (int j = 0; j < Q; ++j) {
+        const uint8_t* q = p.qpacked + j * p.dp + c;
+        acc[j] = Dpbusd(acc[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), x);
+      }
+    }
+    const int32_t rs = 128 * HsumI32(sum);
+    const float sc = p.scale[r], b = p.bias[r], wr = p.weight[r];
+    for (int j = 0; j < Q; ++j) {
+      const float s = std::fma(float(HsumI32(acc[j]) - rs) * sc, qm[j], qo[j] * wr) + b;
+      if (s >= w.thr[j]) w.heaps[j].Push(s, int32_t(r));
+    }
+  }
+}
+
+// R rows against G tiles of 8 unsigned queries packed as [T][row_bytes/4][8][4] from tile t0;
+// `rowsum` holds 128 times the rows' sums.
+template <int R, int G>
+AVX_VNNI_TARGET inline void MicroVnni(const Problem& p, Worker& w, int64_t r, int64_t t0,
+                                      const int32_t* rowsum) {
+  __m256i acc[R][G];
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = _mm256_setzero_si256();
+  const uint8_t* rows[R];
+  for (int i = 0; i < R; ++i) rows[i] = p.m + (r + i) * p.row_bytes;
+  const int64_t groups = p.row_bytes / 4;
+  const uint8_t* qp = p.qpacked + t0 * groups * 32;
+  for (int64_t j = 0; j < groups; ++j) {
+    __m256i x[R];
+    for (int i = 0; i < R; ++i) x[i] = Bcast4(rows[i] + 4 * j);
+    for (int g = 0; g < G; ++g) {
+      const __m256i qv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + (g * groups + j) * 32));
+      for (int i = 0; i < R; ++i) acc[i][g] = Dpbusd(acc[i][g], qv, x[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g)
+      Emit8(p, w, r + i, t0 + g,
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][g], _mm256_set1_epi32(rowsum[i]))));
+}
+
+// MicroVnni<6, 2> with twelve named accumulators (GCC 12 keeps arrays of them on the stack): 12
+// independent vpdpbusd per 4 bytes of 6 rows, 2 query vectors and one broadcast in registers.
+AVX_VNNI_TARGET void VnniMicro62(const Problem& p, Worker& w, int64_t r, int64_t t0,
+                                 const int32_t* rowsum) {
+  const uint8_t* r0 = p.m + r * p.row_bytes;
+  const int64_t rb = p.row_bytes, groups = rb / 4;
+  const uint8_t* qp = p.qpacked + t0 * groups * 32;
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, b0 = a0,
+          b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+  for (int64_t j = 0; j < groups; ++j) {
+    if (j % 16 == 0)
+      for (int i = 0; i < 6; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(r0 + i * rb + kPrefetchBytes + 4 * j), _MM_HINT_T1);
+    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + j * 32));
+    const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + (groups + j) * 32));
+    __m256i x = Bcast4(r0 + 4 * j);
+    a0 = Dpbusd(a0, q0, x);
+    b0 = Dpbusd(b0, q1, x);
+    x = Bcast4(r0 + 1 * rb + 4 * j);
+    a1 = Dpbusd(a1, q0, x);
+    b1 = Dpbusd(b1, q1, x);
+    x = Bcast4(r0 + 2 * rb + 4 * j);
+    a2 = Dpbusd(a2, q0, x);
+    b2 = Dpbusd(b2, q1, x);
+    x = Bcast4(r0 + 3 * rb + 4 * j);
+    a3 = Dpbusd(a3, q0, x);
+    b3 = Dpbusd(b3, q1, x);
+    x = Bcast4(r0 + 4 * rb + 4 * j);
+    a4 = Dpbusd(a4, q0, x);
+    b4 = Dpbusd(b4, q1, x);
+    x = Bcast4(r0 + 5 * rb + 4 * j);
+    a5 = Dpbusd(a5, q0, x);
+    b5 = Dpbusd(b5, q1, x);
+  }
+  const __m256i a[6] = {a0, a1, a2, a3, a4, a5}, b[6] = {b0, b1, b2, b3, b4, b5};
+  for (int i = 0; i < 6; ++i) {
+    const __m256i off = _mm256_set1_epi32(rowsum[i]);
+    Emit8(p, w, r + i, t0, _mm256_cvtepi32_ps(_mm256_sub_epi32(a[i], off)));
+    Emit8(p, w, r + i, t0 + 1, _mm256_cvtepi32_ps(_mm256_sub_epi32(b[i], off)));
+  }
+}
+
+// Many queries: the block's row sums once, then pairs of tiles (6 rows at a time), then a last
+// single tile, each streaming the block of rows (in L2) again.
+AVX_VNNI_TARGET void ScanManyVnni(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  w.rowsum.resize(r1 - r0);
+  for (int64_t r = r0; r < r1; ++r)
+    w.rowsum[r - r0] = 128 * RowSumVnni(p.m + r * p.row_bytes, p.row_bytes);
+  const int32_t* rs = w.rowsum.data() - r0;
+  int64_t t = 0;
+  for (; t + 2 <= p.tiles; t += 2) {
+    int64_t r = r0;
+    for (; r + 6 <= r1; r += 6) VnniMicro62(p, w, r, t, rs + r);
+    for (; r < r1; ++r) MicroVnni<1, 2>(p, w, r, t, rs + r);
+  }
+  if (t < p.tiles) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) MicroVnni<4, 1>(p, w, r, t, rs + r);
+    for (; r < r1; ++r) MicroVnni<1, 1>(p, w, r, t, rs + r);
+  }
+}
+
+void ScanBlockVnni(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
+  switch (p.q) {
+    case 1: ScanSmallVnni<1>(p, w, r0, r1); return;
+    case 2: ScanSmallVnni<2>(p, w, r0, r1); return;
+    case 3: ScanSmallVnni<3>(p, w, r0, r1); return;
+    case 4: ScanSmallVnni<4>(p, w, r0, r1); return;
+    case 5: ScanSmallVnni<5>(p, w, r0, r1); return;
+    case 6: ScanSmallVnni<6>(p, w, r0, r1); return;
+    case 7: ScanSmallVnni<7>(p, w, r0, r1); return;
+    case 8: ScanSmallVnni<8>(p, w, r0, r1); return;
+    default: ScanManyVnni(p, w, r0, r1); return;
+  }
+}
+
+#endif  // VGG_HAVE_AVX_VNNI
+
 }  // namespace
 
 const Kernel kInt8Avx2{&ScanBlockAvx2<Int8Avx2>, Int8Avx2::kQBytes, 8};
 const Kernel kBf16Avx2{&ScanBlockAvx2<FloatAvx2<false>>, FloatAvx2<false>::kQBytes, 8};
 const Kernel kF16Avx2{&ScanBlockAvx2<FloatAvx2<true>>, FloatAvx2<true>::kQBytes, 8};
+#if VGG_HAVE_AVX_VNNI
+const Kernel kInt8AvxVnni{&ScanBlockVnni, 64, 8};
+#endif
 
 // 6 independent vpmaddubsw + vpmaddwd + vpaddd per step.
 AVX2_TARGET double Avx2Peak(int64_t iters) {
@@ -386,6 +572,39 @@ AVX2_TARGET double Avx2Peak(int64_t iters) {
   (void)sink;
   return double(iters) * 6 * 32 * 2;
 }
+
+#if VGG_HAVE_AVX_VNNI
+// 12 independent vpdpbusd (VEX, ymm) per step.
+AVX_VNNI_TARGET double AvxVnniPeak(int64_t iters) {
+  const __m256i a = _mm256_set1_epi32(0x01020304), b = _mm256_set1_epi32(0x01010101);
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0,
+          c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  for (int64_t i = 0; i < iters; ++i) {
+    c0 = Dpbusd(c0, a, b);
+    c1 = Dpbusd(c1, a, b);
+    c2 = Dpbusd(c2, a, b);
+    c3 = Dpbusd(c3, a, b);
+    c4 = Dpbusd(c4, a, b);
+    c5 = Dpbusd(c5, a, b);
+    c6 = Dpbusd(c6, a, b);
+    c7 = Dpbusd(c7, a, b);
+    c8 = Dpbusd(c8, a, b);
+    c9 = Dpbusd(c9, a, b);
+    c10 = Dpbusd(c10, a, b);
+    c11 = Dpbusd(c11, a, b);
+#if !defined(VGG_SCAN_EMULATE)  // SIMDe's vectors are not registers
+    __asm__ volatile("" : "+x"(c0), "+x"(c1), "+x"(c2), "+x"(c3), "+x"(c4), "+x"(c5), "+x"(c6),
+                     "+x"(c7), "+x"(c8), "+x"(c9), "+x"(c10), "+x"(c11));
+#endif
+  }
+  const __m256i s0 = _mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3));
+  const __m256i s1 = _mm256_add_epi32(_mm256_add_epi32(c4, c5), _mm256_add_epi32(c6, c7));
+  const __m256i s2 = _mm256_add_epi32(_mm256_add_epi32(c8, c9), _mm256_add_epi32(c10, c11));
+  volatile int32_t sink = HsumI32(_mm256_add_epi32(_mm256_add_epi32(s0, s1), s2));
+  (void)sink;
+  return double(iters) * 12 * 32 * 2;
+}
+#endif  // VGG_HAVE_AVX_VNNI
 
 }  // namespace vgg_scan
 #endif  // __x86_64__

@@ -12,6 +12,7 @@
 #if defined(__x86_64__)
 #include "simd_x86.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "scan_topk.h"
@@ -96,8 +97,8 @@ KERNEL_TARGET int32_t RowSum(const uint8_t* row, int64_t bytes) {
 template <int Q, class E>
 KERNEL_TARGET void ScanSmall(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
   const __m512i ones = _mm512_set1_epi8(1);
-  float qm[Q];
-  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j];
+  float qm[Q], qo[Q];
+  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j], qo[j] = p.qoff[j];
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.m + r * p.row_bytes;
     typename E::Acc acc[Q];
@@ -114,9 +115,9 @@ KERNEL_TARGET void ScanSmall(const Problem& p, Worker& w, int64_t r0, int64_t r1
         }
     }
     const int32_t rs = E::kRowSum ? _mm512_reduce_add_epi32(sum) : 0;
-    const float sc = p.scale[r], b = p.bias[r];
+    const float sc = p.scale[r], b = p.bias[r], wr = p.weight[r];
     for (int j = 0; j < Q; ++j) {
-      float s = E::Score(acc[j], rs) * sc * qm[j] + b;
+      const float s = std::fma(E::Score(acc[j], rs) * sc, qm[j], qo[j] * wr) + b;
       if (s >= w.thr[j]) w.heaps[j].Push(s, int32_t(r));
     }
   }
@@ -170,10 +171,13 @@ KERNEL_TARGET inline void Micro(const Problem& p, Worker& w, int64_t r, int64_t 
     const int32_t rs = E::kRowSum ? rowsum[i] : 0;
     const __m512 sc = _mm512_set1_ps(p.scale[row]);
     const __m512 b = _mm512_set1_ps(p.bias[row]);
+    const __m512 wr = _mm512_set1_ps(p.weight[row]);
     for (int g = 0; g < G; ++g) {
       const int64_t t = t0 + g;
       __m512 s = E::Scores(acc[i][g], rs);
-      s = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(s, sc), _mm512_loadu_ps(p.qmul + t * 16)), b);
+      const __m512 off = _mm512_mul_ps(_mm512_loadu_ps(p.qoff + t * 16), wr);
+      s = _mm512_fmadd_ps(_mm512_mul_ps(s, sc), _mm512_loadu_ps(p.qmul + t * 16), off);
+      s = _mm512_add_ps(s, b);
       __mmask16 hit = _mm512_cmp_ps_mask(s, _mm512_loadu_ps(w.thr.data() + t * 16), _CMP_GE_OQ);
       if (!hit) continue;
       alignas(64) float sv[16];

@@ -6,6 +6,7 @@
 #if defined(__aarch64__)
 #include <arm_neon.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "scan_topk.h"
@@ -64,8 +65,8 @@ struct FloatNeon {
 
 template <int Q, class E>
 void ScanSmallNeon(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
-  float qm[Q];
-  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j];
+  float qm[Q], qo[Q];
+  for (int j = 0; j < Q; ++j) qm[j] = p.qmul[j], qo[j] = p.qoff[j];
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.m + r * p.row_bytes;
     typename E::Acc acc[Q];
@@ -76,9 +77,9 @@ void ScanSmallNeon(const Problem& p, Worker& w, int64_t r0, int64_t r1) {
       for (int j = 0; j < Q; ++j)
         acc[j] = E::DotRow(acc[j], p.qpacked + j * p.dp + c * (E::kQBytes / 64), x);
     }
-    const float sc = p.scale[r], b = p.bias[r];
+    const float sc = p.scale[r], b = p.bias[r], wr = p.weight[r];
     for (int j = 0; j < Q; ++j) {
-      float s = E::Score(acc[j]) * sc * qm[j] + b;
+      const float s = std::fma(E::Score(acc[j]) * sc, qm[j], qo[j] * wr) + b;
       if (s >= w.thr[j]) w.heaps[j].Push(s, int32_t(r));
     }
   }
