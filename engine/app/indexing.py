@@ -21,6 +21,7 @@ from engine.app import walk
 from engine.common import textio
 from engine.common.errors import UserError
 from engine.common.fileio import atomic_write, sha256_file
+from engine.features import quantize
 from engine.features.extractor import Extractor, check_compatible
 
 
@@ -190,13 +191,34 @@ def open_or_create(
       store.parse_policy(statistics)
     except (TypeError, ValueError) as e:
       raise UserError(f"--statistics: {e}") from None
+  placed = []
+  if extractor.quantized is not None:
+    # Before the manifest: an index never names an int8 model it does not hold.
+    placed = quantize.save(extractor.quantized, path)
   return store.Index.create(
     path,
     dim=extractor.dim,
     dtype=dtype or "int8",
     metadata=extractor.index_metadata(),
     statistics=statistics or "none",
+    placed=placed,
   )
+
+
+def ensure_int8_model(
+  extractor: Extractor, index_path: str, paths: list[str], sample: int = quantize.DEFAULT_SAMPLE
+) -> None:
+  """Gives an int8 extractor without a model the one it must run: the index's own, or for a new
+  index one calibrated on `sample` of `paths` (the images this run will index)."""
+  if extractor.precision != "int8" or extractor.quantized is not None:
+    return
+  if store.exists(index_path):
+    with store.Index.open(index_path, readonly=True) as idx:
+      meta = idx.metadata
+    if meta.get("extractor", {}).get("precision") == "int8" and "int8" in meta:
+      extractor.use_quantized(quantize.load(index_path, meta["int8"]))
+    return  # another precision: open_or_create refuses it, naming both
+  extractor.calibrate(paths, sample)
 
 
 def index_folder(
@@ -212,6 +234,7 @@ def index_folder(
   on_commit: Callable[[int], None] | None = None,
   statistics: str | None = None,
   relearn_statistics: bool = False,
+  calibration_images: int = quantize.DEFAULT_SAMPLE,
 ) -> IndexReport:
   """Brings the index at `index_path` up to date with the images under `root`.
 
@@ -230,6 +253,8 @@ def index_folder(
       index (None: keep the index's; "none" for a new one); see `refresh_statistics`, run at the
       end of every run.
     relearn_statistics: re-learn them even if the collection did not grow or shrink enough.
+    calibration_images: a new index of an int8 extractor without a model: how many of the
+      images found (evenly spaced over their sorted paths) calibrate its quantisation.
 
   Returns:
     An IndexReport. Interruptions (KeyboardInterrupt) commit what is pending first.
@@ -238,6 +263,9 @@ def index_folder(
   report = IndexReport()
   root_abs = os.path.abspath(root)
   found = list(walk.find_images(root_abs))
+  ensure_int8_model(
+    extractor, index_path, [f.path for f in found if not f.error], calibration_images
+  )
   idx = open_or_create(index_path, extractor, dtype, statistics)
   try:
     todo, known, restat = plan(idx, found, report)
