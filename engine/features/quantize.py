@@ -161,6 +161,12 @@ def reference_shape(extractor) -> list:
   raise QuantizationError(f"int8 extraction of {extractor.descriptor.name}: {why}")
 
 
+def _inputs(extractor, pixels_hw3: np.ndarray) -> list[np.ndarray]:
+  """The network inputs extraction makes of one prepared image: `[1, H, W, 3]` per scale."""
+  px = pixels_hw3[None]
+  return [px if scale == 1.0 else images.rescale(px, scale) for scale in extractor.scales]
+
+
 def _calibration_items(extractor, chosen: list[str]) -> tuple[list, list, dict]:
   """Decodes `chosen` as extraction does: ([1, H, W, 3] uint8 inputs, used paths, skipped)."""
   items, used, skipped = [], [], {}
@@ -170,9 +176,7 @@ def _calibration_items(extractor, chosen: list[str]) -> tuple[list, list, dict]:
       skipped[chosen[pos]] = err
       continue
     used.append(chosen[pos])
-    for scale in extractor.scales:
-      px = pixels[None]
-      items.append(px if scale == 1.0 else images.rescale(px, scale))
+    items += _inputs(extractor, pixels)
   return items, used, skipped
 
 
@@ -191,19 +195,9 @@ def calibrate(extractor, paths: Sequence[str], sample: int = DEFAULT_SAMPLE) -> 
   Raises:
     QuantizationError: NNCF or OpenVINO missing, an unsupported descriptor, or no image decoded.
   """
-  if sample < 1:
-    raise QuantizationError(f"the int8 calibration sample must hold at least 1 image, got {sample}")
-  why = unavailable_reason(extractor.descriptor.name)
-  if why is not None:
-    raise QuantizationError(f"int8 extraction: {why}")
-  shape = reference_shape(extractor)
+  _check(extractor, sample)
   chosen = sample_evenly(paths, sample)
-  if len(chosen) < sample:
-    logging.warning(
-      "int8 calibration: %d images asked for, only %d available; calibrating on all of them",
-      sample,
-      len(chosen),
-    )
+  _say_if_short(sample, len(chosen))
   items, used, skipped = _calibration_items(extractor, chosen)
   for path, reason in skipped.items():
     logging.warning("int8 calibration: left out %s (%s)", path, reason)
@@ -211,6 +205,54 @@ def calibrate(extractor, paths: Sequence[str], sample: int = DEFAULT_SAMPLE) -> 
     raise QuantizationError(
       f"int8 calibration needs at least one image that decodes; none of {len(chosen)} did"
     )
+  return _build(extractor, items, [[p, fileio.sha256_file(p)] for p in used], sample)
+
+
+def calibrate_arrays(
+  extractor, pixels: Sequence[np.ndarray], keys: Sequence[str], sample: int = DEFAULT_SAMPLE
+) -> QuantizedModel:
+  """`calibrate` for images held as `[H, W, 3]` uint8 RGB arrays (benchmarks), named by `keys`.
+
+  The sample is evenly spaced over the sorted keys; each array is prepared by the extractor's
+  policy (as `Extractor.extract_arrays` does) and recorded with the sha256 of its pixels.
+  """
+  _check(extractor, sample)
+  if len(keys) != len(pixels):
+    raise ValueError(f"{len(keys)} keys for {len(pixels)} images")
+  position = {k: i for i, k in enumerate(keys)}
+  chosen = sample_evenly(list(position), sample)
+  _say_if_short(sample, len(chosen))
+  if not chosen:
+    raise QuantizationError("int8 calibration needs at least one image")
+  items, record = [], []
+  for key in chosen:
+    px = images.from_array(np.asarray(pixels[position[key]], np.uint8), extractor.preprocessing)
+    items += _inputs(extractor, px)
+    record.append([key, hashlib.sha256(np.ascontiguousarray(px).tobytes()).hexdigest()])
+  return _build(extractor, items, record, sample)
+
+
+def _check(extractor, sample: int) -> None:
+  if sample < 1:
+    raise QuantizationError(f"the int8 calibration sample must hold at least 1 image, got {sample}")
+  why = unavailable_reason(extractor.descriptor.name)
+  if why is not None:
+    raise QuantizationError(f"int8 extraction: {why}")
+  reference_shape(extractor)
+
+
+def _say_if_short(sample: int, have: int) -> None:
+  if have < sample:
+    logging.warning(
+      "int8 calibration: %d images asked for, only %d available; calibrating on all of them",
+      sample,
+      have,
+    )
+
+
+def _build(extractor, items: list, images_record: list, sample: int) -> QuantizedModel:
+  """The model quantised on `items` (from the cache when built before), with its record."""
+  shape = reference_shape(extractor)
   size = extractor.preprocessing.size
   key = {
     "quant_version": QUANT_VERSION,
@@ -218,7 +260,7 @@ def calibrate(extractor, paths: Sequence[str], sample: int = DEFAULT_SAMPLE) -> 
     "input_shape": shape,
     "scales": list(extractor.scales),
     "preset": PRESET,
-    "images": [[p, fileio.sha256_file(p)] for p in used],
+    "images": images_record,
     **versions(),
   }
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -229,8 +271,8 @@ def calibrate(extractor, paths: Sequence[str], sample: int = DEFAULT_SAMPLE) -> 
     "input_shape": shape,
     "calibration": {
       "sample_asked": int(sample),
-      "sample_used": len(used),
-      "images": key["images"],
+      "sample_used": len(images_record),
+      "images": images_record,
       "inputs": sorted({tuple(x.shape[1:3]) for x in items}),
       "key_sha256": digest,
     },
@@ -240,7 +282,7 @@ def calibrate(extractor, paths: Sequence[str], sample: int = DEFAULT_SAMPLE) -> 
   if cached is not None:
     logging.info("int8 model %s from the cache (calibration %s)", cached.sha256[:16], digest[:12])
     return cached
-  logging.info("int8 calibration on %d images (%d inputs)", len(used), len(items))
+  logging.info("int8 calibration on %d images (%d inputs)", len(images_record), len(items))
   xml, weights = _quantize(extractor, shape, items)
   model = QuantizedModel(xml, weights, _model_record(xml, weights, extra))
   backends.build_counts["quantize"] += 1
