@@ -249,3 +249,14 @@ def test_xla_and_int8_is_one_line_error(tmp_path, scenes):
   )
   assert "int8 runs on the OpenVINO backend only" in r.err, r.err
   assert not os.path.exists(tmp_path / "idx" / store.MANIFEST)
+
+
+def test_nothing_to_calibrate_on_is_one_line_error_and_no_index(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "notes.txt").write_text("not an image")
+  r = binlib.run(
+    "engine.index", f"--images={empty}", f"--index={tmp_path / 'idx'}", *INT8, ok=False
+  )
+  assert "no images to calibrate on" in r.err, r.err
+  assert not os.path.exists(tmp_path / "idx" / store.MANIFEST)

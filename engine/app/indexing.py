@@ -191,6 +191,8 @@ def open_or_create(
       store.parse_policy(statistics)
     except (TypeError, ValueError) as e:
       raise UserError(f"--statistics: {e}") from None
+  if extractor.precision == "int8" and extractor.quantized is None:
+    raise UserError(f"a new int8 index at {path} needs a calibrated extractor (ensure_int8_model)")
   placed = []
   if extractor.quantized is not None:
     # Before the manifest: an index never names an int8 model it does not hold.

@@ -197,6 +197,8 @@ def calibrate(extractor, paths: Sequence[str], sample: int = DEFAULT_SAMPLE) -> 
   """
   _check(extractor, sample)
   chosen = sample_evenly(paths, sample)
+  if not chosen:
+    raise QuantizationError("int8 calibration found no images to calibrate on")
   _say_if_short(sample, len(chosen))
   items, used, skipped = _calibration_items(extractor, chosen)
   for path, reason in skipped.items():

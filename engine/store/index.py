@@ -7,6 +7,8 @@ Layout of an index folder (format version 1)::
   LOCK                     flock()ed by the single writer; readers never take it
   seg-000001.npy ...       memory-mapped segment files (engine/store/segments.py)
   stats-000007.npy         collection statistics, if learned (engine/store/statistics.py)
+  int8-model-*.xml/.bin    an int8 index's quantised model (engine/features/quantize.py), placed
+                           by the caller before `create`; the store never touches it
 
 Commit protocol (`add`, `delete`, `compact`): new segment files are written under temporary names,
 fsynced and renamed; then one catalog transaction inserts their rows and stamps tombstones with the
