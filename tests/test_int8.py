@@ -18,6 +18,7 @@ pytest.importorskip("nncf", reason="int8 calibration needs NNCF (the `int8` extr
 from engine import store
 from engine.app import extraction, indexing, sample
 from engine.common import fileio
+from engine.common.errors import UserError
 from engine.features import backends, quantize
 from engine.features.extractor import Extractor, IncompatibleExtractorError
 
@@ -260,3 +261,15 @@ def test_nothing_to_calibrate_on_is_one_line_error_and_no_index(tmp_path):
   )
   assert "no images to calibrate on" in r.err, r.err
   assert not os.path.exists(tmp_path / "idx" / store.MANIFEST)
+
+
+def test_a_new_int8_index_is_not_calibrated_by_several_processes(tmp_path, scenes):
+  from engine.app import process_indexing
+
+  calib, _ = scenes
+  ex = Extractor(
+    "random:5", "gem", config="tiny", image_size=64, precision="int8", backend="openvino"
+  )
+  with pytest.raises(UserError, match="calibrated by a one-process run"):
+    process_indexing.index_folder(os.path.dirname(calib[0]), str(tmp_path / "idx"), ex, None)
+  assert not os.path.exists(tmp_path / "idx")
