@@ -273,3 +273,22 @@ def test_a_new_int8_index_is_not_calibrated_by_several_processes(tmp_path, scene
   with pytest.raises(UserError, match="calibrated by a one-process run"):
     process_indexing.index_folder(os.path.dirname(calib[0]), str(tmp_path / "idx"), ex, None)
   assert not os.path.exists(tmp_path / "idx")
+
+
+def test_the_service_runs_the_index_int8_model(tmp_path, scenes, cache):
+  pytest.importorskip("starlette")
+  pytest.importorskip("uvicorn")
+  from test_serve import Server
+
+  calib, _ = scenes
+  index = str(tmp_path / "idx")
+  binlib.run("engine.index", f"--images={os.path.dirname(calib[0])}", f"--index={index}", *INT8)
+  srv = Server(index, "--backend=openvino", "--warmup=none")  # the last --backend wins
+  try:
+    status, stats = srv.json("/stats")
+    assert status == 200 and stats["backend"] == "openvino", stats
+    status, out = srv.upload(calib[2], "?k=1")
+    assert status == 200, out
+    assert out["matches"][0]["key"] == calib[2] and out["matches"][0]["score"] > 0.9999
+  finally:
+    srv.stop()
