@@ -116,6 +116,7 @@ class QuantizedModel:
     self.weights = weights
     self.record = record
     self.sha256 = record["sha256"]
+    self._weights_u8: np.ndarray | None = None
 
   @property
   def files(self) -> dict[str, str]:
@@ -125,7 +126,9 @@ class QuantizedModel:
   def read(self, core):
     """The model as an `openvino.Model` of `core` (from memory, the checked bytes)."""
     ov = backends.import_openvino()
-    tensor = ov.Tensor(np.frombuffer(self.weights, np.uint8).copy())
+    if self._weights_u8 is None:  # one writable copy, shared by the runner of every shape
+      self._weights_u8 = np.frombuffer(bytearray(self.weights), np.uint8)
+    tensor = ov.Tensor(self._weights_u8, shared_memory=True)
     return core.read_model(self.xml.decode("utf-8"), tensor)
 
 
