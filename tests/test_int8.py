@@ -65,15 +65,19 @@ def _fake_quantize_ops(model: quantize.QuantizedModel) -> int:
   return sum(op.get_type_name() == "FakeQuantize" for op in model.read(ov.Core()).get_ops())
 
 
-@pytest.mark.parametrize("name", ["gem", "mac", "fc2"])
+@pytest.mark.parametrize(
+  "name, scales", [("gem", (1.0,)), ("mac", (1.0,)), ("fc2", (1.0,)), ("gem", (1.0, 0.7))]
+)
 def test_int8_descriptors_are_close_to_fp32_on_images_outside_the_sample(
-  name, tiny_weights, cache, scenes
+  name, scales, tiny_weights, cache, scenes
 ):
   calib, held = scenes
-  kwargs = dict(batch_size=4, backend="openvino", image_size=None if name == "fc2" else 96)
+  size = None if name == "fc2" else 96
+  kwargs = dict(batch_size=4, backend="openvino", image_size=size, scales=scales)
   fp32 = Extractor(tiny_weights, name, **kwargs)
   int8 = Extractor(tiny_weights, name, precision="int8", **kwargs)
   model = int8.calibrate(calib, sample=4)
+  assert len(model.record["calibration"]["inputs"]) >= len(scales)  # every scale's input shapes
   assert _fake_quantize_ops(model) >= 10  # every convolution's input, not a float32 copy
   want, got = fp32(held), int8(held)
   cos = _cosine(got, want)
