@@ -130,6 +130,8 @@ def main(argv):
       print(f"... and {len(result.failed) - 20} more (see the failures file)")
     if result.recovered:
       print(f"recovered {result.recovered} images an interrupted run had extracted")
+    if result.int8:
+      print(result.int8)
     if result.statistics:
       print(result.statistics)
     label = " [RANDOM weights, not ImageNet]" if extractor.weights_info.is_random else ""

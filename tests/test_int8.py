@@ -3,6 +3,7 @@ the index's model used by queries, never mixed with another precision or another
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -13,7 +14,8 @@ from PIL import Image
 
 pytest.importorskip("openvino", reason="int8 extraction runs on OpenVINO (the `cpu` extra)")
 pytest.importorskip("jax2onnx", reason="the OpenVINO backend exports with jax2onnx")
-pytest.importorskip("nncf", reason="int8 calibration needs NNCF (the `int8` extra)")
+if importlib.util.find_spec("nncf") is None:  # found, not imported: NNCF takes seconds to import
+  pytest.skip("int8 calibration needs NNCF (the `int8` extra)", allow_module_level=True)
 
 from engine import store
 from engine.app import extraction, indexing, sample
@@ -141,6 +143,7 @@ def test_index_records_the_model_and_queries_use_it(tmp_path, scenes):
     "engine.index", f"--images={folder}", f"--index={index}", "--dtype=float32", *INT8
   )
   assert "indexed 6" in first.out, first.out
+  assert "calibrated on 4 images (of 4 asked), kept in the index" in first.out, first.out
   with store.Index.open(index, readonly=True) as idx:
     meta = idx.metadata
     keys = idx.keys()

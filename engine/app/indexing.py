@@ -40,6 +40,7 @@ class IndexReport:
       run before it looked for work (they then count as unchanged).
     merge_seconds: multi-process runs: the time process 0 spent adding the processes' staging
       indexes to the index.
+    int8: what the run did about an int8 model (None: nothing; a new index: its calibration).
   """
 
   indexed: int = 0
@@ -50,6 +51,7 @@ class IndexReport:
   statistics: str | None = None
   recovered: int = 0
   merge_seconds: float = 0.0
+  int8: str | None = None
 
   @property
   def images_per_second(self) -> float:
@@ -209,18 +211,24 @@ def open_or_create(
 
 def ensure_int8_model(
   extractor: Extractor, index_path: str, paths: list[str], sample: int = quantize.DEFAULT_SAMPLE
-) -> None:
+) -> str | None:
   """Gives an int8 extractor without a model the one it must run: the index's own, or for a new
-  index one calibrated on `sample` of `paths` (the images this run will index)."""
+  index one calibrated on `sample` of `paths` (the images this run will index). Returns a line
+  for the user about a new calibration, else None."""
   if extractor.precision != "int8" or extractor.quantized is not None:
-    return
+    return None
   if store.exists(index_path):
     with store.Index.open(index_path, readonly=True) as idx:
       meta = idx.metadata
     if meta.get("extractor", {}).get("precision") == "int8" and "int8" in meta:
       extractor.use_quantized(quantize.load(index_path, meta["int8"]))
-    return  # another precision: open_or_create refuses it, naming both
-  extractor.calibrate(paths, sample)
+    return None  # another precision: open_or_create refuses it, naming both
+  model = extractor.calibrate(paths, sample)
+  used = model.record["calibration"]["sample_used"]
+  return (
+    f"int8: model {model.sha256[:16]} calibrated on {used} images (of {sample} asked), kept in "
+    "the index"
+  )
 
 
 def index_folder(
@@ -265,7 +273,7 @@ def index_folder(
   report = IndexReport()
   root_abs = os.path.abspath(root)
   found = list(walk.find_images(root_abs))
-  ensure_int8_model(
+  report.int8 = ensure_int8_model(
     extractor, index_path, [f.path for f in found if not f.error], calibration_images
   )
   idx = open_or_create(index_path, extractor, dtype, statistics)
