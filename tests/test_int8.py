@@ -121,6 +121,10 @@ def test_fewer_images_than_the_sample_and_undecodable_ones(tiny_weights, cache, 
   rec = model.record["calibration"]
   assert rec["sample_asked"] == 10 and rec["sample_used"] == 2
   assert [k for k, _ in rec["images"]] == sorted(calib[:2])
+  # The same images asked for differently: the cached model, recorded as this run asked.
+  again = Extractor(tiny_weights, "gem", precision="int8", backend="openvino", image_size=96)
+  second = again.calibrate([*calib[:2], str(broken)], sample=20)
+  assert second.sha256 == model.sha256 and second.record["calibration"]["sample_asked"] == 20
   with pytest.raises(quantize.QuantizationError, match="at least one image that decodes"):
     Extractor(tiny_weights, "gem", precision="int8", backend="openvino").calibrate([str(broken)])
 

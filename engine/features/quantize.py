@@ -286,7 +286,10 @@ def _build(extractor, items: list, images_record: list, sample: int) -> Quantize
   cached = _from_cache(digest)
   if cached is not None:
     logging.info("int8 model %s from the cache (calibration %s)", cached.sha256[:16], digest[:12])
-    return cached
+    # The same files (and sha256); the record says how this run asked for them.
+    return QuantizedModel(
+      cached.xml, cached.weights, _model_record(cached.xml, cached.weights, extra)
+    )
   logging.info("int8 calibration on %d images (%d inputs)", len(images_record), len(items))
   xml, weights = _quantize(extractor, shape, items)
   model = QuantizedModel(xml, weights, _model_record(xml, weights, extra))
@@ -412,7 +415,9 @@ def load(folder: str, record: dict) -> QuantizedModel:
     xml_name, bin_name = files["xml"], files["bin"]
     if any(os.path.basename(n) != n or not n.startswith(FILE_PREFIX) for n in (xml_name, bin_name)):
       raise ValueError(f"unexpected file names {xml_name!r}, {bin_name!r}")
-    record["file_sha256"]["xml"], record["file_sha256"]["bin"], record["sha256"]  # noqa: B018
+    digests = record["file_sha256"]
+    if not isinstance(record["sha256"], str) or not {"xml", "bin"} <= set(digests):
+      raise ValueError("no sha256 of the model or of its files")
   except (KeyError, TypeError, ValueError) as e:
     raise QuantizationError(f"{folder}: the int8 record describes no model ({e!r})") from None
   try:
