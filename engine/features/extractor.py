@@ -139,7 +139,7 @@ class Extractor:
     self.backend = backends.resolve(backend)
     if precision == "int8":
       if self.backend != "openvino":
-        why = quantize.unavailable_reason() or f"backend {self.backend} was asked for"
+        why = quantize.unavailable_reason() or f"backend {backend} runs {self.backend} here"
         raise quantize.QuantizationError(
           f"precision int8 runs on the OpenVINO backend only ({why}); use --backend=openvino "
           "(or auto) on an x86 CPU with OpenVINO, or precision fp32"
