@@ -389,6 +389,7 @@ def _weights_label(spec: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from engine.features import quantize
   from engine.features.extractor import Extractor
   from engine.features.model import ModelConfig
   from engine.features.preprocess import Preprocessing
@@ -464,6 +465,7 @@ def main(argv):
           batch_size=_BATCH.value,
           precision=_PRECISION.value,
           config=config,
+          backend=_BACKEND.value,
           **kwargs,
         )
         t = time.perf_counter()
@@ -472,6 +474,24 @@ def main(argv):
           with np.load(cache, allow_pickle=False) as z:
             fd = {n: z[f"db_{n}"] for n in group}
             fq = {n: z[f"q_{n}"] for n in group}
+        elif ex.backend == "openvino":
+          fd, fq = {}, {}
+          for n in group:  # one exported (and for int8 quantised) model per descriptor
+            ex = Extractor(
+              spec,
+              n,
+              batch_size=_BATCH.value,
+              precision=_PRECISION.value,
+              config=config,
+              backend="openvino",
+              **kwargs,
+            )
+            if ex.precision == "int8":  # calibrated on the collection, as engine.index does
+              ex.use_quantized(
+                quantize.calibrate_arrays(ex, db.pixels[policy], db_keys, _CALIBRATION.value)
+              )
+            fd[n] = ex.extract_arrays(db.pixels[policy])
+            fq[n] = ex.extract_arrays(queries.pixels[policy])
         else:
           fd = extract_many(ex, group, db.pixels[policy])
           fq = extract_many(ex, group, queries.pixels[policy])
@@ -527,6 +547,7 @@ def main(argv):
     "transforms": transforms,
     "config": config,
     "precision": _PRECISION.value,
+    "backend": _BACKEND.value,
     "pooled_image_size": policies["pooled"].size if pooled else None,
     "ap_rule": _AP.value,
     "extraction": timings,
@@ -665,7 +686,23 @@ if __name__ == "__main__":
     "image_size", 224, "Longer side for the pooled descriptors (mac, spoc, gem, rmac)."
   )
   _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per device call.")
-  _PRECISION = flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "Compute precision.")
+  _PRECISION = flags.DEFINE_enum(
+    "precision",
+    "fp32",
+    ["fp32", "bf16", "int8"],
+    "Compute precision; int8 needs --backend=openvino and is calibrated on --calibration_images "
+    "of the database (originals and distractors), never on the queries.",
+  )
+  _BACKEND = flags.DEFINE_enum(
+    "backend",
+    "xla",
+    ["xla", "openvino"],
+    "Extraction backend: xla (one pass for every descriptor of a policy) or openvino (the "
+    "engine's CPU fast path: one exported model per descriptor).",
+  )
+  _CALIBRATION = flags.DEFINE_integer(
+    "calibration_images", 32, "With --precision=int8: images of the database to calibrate on."
+  )
   _AP = flags.DEFINE_enum("ap", "trapezoid", list(metrics.AP_RULES), "AP rule.")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generated images and random transforms.")
   _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")

@@ -18,7 +18,7 @@ from engine import store
 from engine.app import distributed, extraction
 from engine.common import fileio
 from engine.common.errors import UserError
-from engine.features import backends
+from engine.features import backends, quantize
 from engine.features.descriptors import DESCRIPTORS
 from engine.features.extractor import PRECISIONS
 from engine.features.model import PRESETS
@@ -91,7 +91,14 @@ def define_extractor_flags() -> None:
   )
   flags.DEFINE_enum("config", "vgg16", list(PRESETS), "Model preset for random weights.")
   flags.DEFINE_integer("batch_size", 16, "Images per device call.", lower_bound=1)
-  flags.DEFINE_enum("precision", "fp32", sorted(PRECISIONS), "Compute precision.")
+  flags.DEFINE_enum(
+    "precision",
+    "fp32",
+    sorted(PRECISIONS),
+    "Compute precision: fp32, bf16 (the CPU's bf16 units), or int8 (OpenVINO backend only: the "
+    "model quantised with NNCF on --calibration_images of your own images, kept in the index; "
+    "queries of an int8 index use it). An index never mixes precisions.",
+  )
   flags.DEFINE_enum(
     "resize",
     None,
@@ -120,6 +127,17 @@ def define_extractor_flags() -> None:
     "Extraction backend: xla (jit), openvino (the same model exported to ONNX, compiled by "
     "OpenVINO: the fast path on x86 CPUs; pip install .[cpu]), or auto (openvino where "
     "installed on an x86 CPU, else xla).",
+  )
+
+
+def define_calibration_flag() -> None:
+  """--calibration_images: the int8 calibration sample of engine.index / engine.extract."""
+  flags.DEFINE_integer(
+    "calibration_images",
+    quantize.DEFAULT_SAMPLE,
+    "With --precision=int8 and a new index: how many of the images (evenly spaced over their "
+    "sorted paths) calibrate the int8 quantisation; all of them when there are fewer.",
+    lower_bound=1,
   )
 
 

@@ -69,6 +69,7 @@ _REPORT = flags.DEFINE_string(
 )
 cli.define_descriptor_flags("gem", "Descriptor for a new index.")
 cli.define_extractor_flags()
+cli.define_calibration_flag()
 cli.define_distributed_flags()
 flags.adopt_module_key_flags(cli)
 flags.mark_flag_as_required("index")
@@ -116,13 +117,21 @@ def main(argv):
         f"the index in {result.merge_seconds:.2f} s"
       )
     else:
-      result = indexing.index_folder(_IMAGES.value, _INDEX.value, extractor, **options)
+      result = indexing.index_folder(
+        _IMAGES.value,
+        _INDEX.value,
+        extractor,
+        calibration_images=flags.FLAGS.calibration_images,
+        **options,
+      )
     for path, reason in result.failed[:20]:
       print(f"skipped {textio.escape(path)}: {textio.escape(reason)}")
     if len(result.failed) > 20:
       print(f"... and {len(result.failed) - 20} more (see the failures file)")
     if result.recovered:
       print(f"recovered {result.recovered} images an interrupted run had extracted")
+    if result.int8:
+      print(result.int8)
     if result.statistics:
       print(result.statistics)
     label = " [RANDOM weights, not ImageNet]" if extractor.weights_info.is_random else ""

@@ -20,6 +20,12 @@ if python -c "import openvino" 2>/dev/null && ! python -c "import jax2onnx" 2>/d
   python -m pip install -q --no-deps "jax2onnx==0.17.1" \
     || echo "warning: jax2onnx did not install; extraction will run on XLA (slower on CPU)" >&2
 fi
+# NNCF, which calibrates --precision=int8 (pyproject's `int8` extra), wherever OpenVINO installed:
+# the default set-up can then build int8 indexes. Without it int8 calibration says how to get it.
+if python -c "import openvino" 2>/dev/null && ! python -c "import nncf" 2>/dev/null; then
+  python -m pip install -q -c scripts/constraints.txt "nncf>=3.4" \
+    || echo "warning: nncf did not install; --precision=int8 cannot calibrate new indexes" >&2
+fi
 # The native search kernels (engine/kernels/native): built here, never while searching; the search
 # falls back to XLA (one warning says why) where they are not built or the CPU has neither AVX2 nor
 # AVX-512 (then nothing is compiled).

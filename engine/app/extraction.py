@@ -21,7 +21,7 @@ from engine.app import walk
 from engine.common import textio
 from engine.common.errors import SettingsError, UserError
 from engine.common.fileio import atomic_write, atomic_write_json, cache_root
-from engine.features import checkpoint
+from engine.features import checkpoint, quantize
 from engine.features.descriptors import Descriptor
 from engine.features.extractor import Extractor, check_compatible
 
@@ -36,7 +36,8 @@ class Settings:
   Attributes:
     weights: a converted weights folder, `random[:SEED]` or `auto` (see `resolve_weights`).
     config: model preset for random weights (`vgg16`, `tiny`).
-    precision: compute precision (`fp32`, `bf16`).
+    precision: compute precision (`fp32`, `bf16`, `int8`: OpenVINO only, a model quantised on a
+      sample of the user's images, see `engine.features.quantize`).
     resize: resize policy, or None for the descriptor's default.
     image_size: input side, or None for the descriptor's default.
     gem_p: GeM exponent.
@@ -171,6 +172,8 @@ def for_index(
     )
     name = descriptor if "descriptor" in explicit else desc.get("name", descriptor)
     ex = build(name, settings, normalize=desc.get("normalize", True))
+    if ex.precision == "int8" and fp.get("precision") == "int8":
+      ex.use_quantized(quantize.load(index_path, meta.get("int8") or {}))
     check_compatible(meta, ex)
     return ex
   weights = resolve_weights(settings.weights) if "weights" in explicit else None
@@ -178,6 +181,7 @@ def for_index(
     return Extractor.from_index_metadata(
       meta,
       weights,
+      folder=index_path,
       batch_size=settings.batch_size,
       workers=settings.workers,
       backend=settings.backend,
@@ -203,7 +207,13 @@ EXTRACT_FILES = ("features.npy", "paths.txt", "errors.txt")
 EXTRACT_MANIFEST = "extract.json"
 
 
-def extract_to_folder(extractor: Extractor, source: str, output: str) -> FolderFeatures:
+def extract_to_folder(
+  extractor: Extractor,
+  source: str,
+  output: str,
+  *,
+  calibration_images: int = quantize.DEFAULT_SAMPLE,
+) -> FolderFeatures:
   """Writes `features.npy` (float32 `[N, D]`), `paths.txt` (N lines, same order), `errors.txt`
   (path<TAB>reason) for every image under `source`, then `extract.json` (their sha256 and N) into
   the folder `output`.
@@ -213,12 +223,17 @@ def extract_to_folder(extractor: Extractor, source: str, output: str) -> FolderF
   bytes). Everything is encoded before anything is written, and extract.json, written last, is the
   commit point: `read_folder` refuses a folder whose files do not match it.
 
+  An int8 extractor without a model is calibrated on `calibration_images` of the folder's images
+  first; extract.json then records the model (`int8`: its sha256 and calibration images).
+
   Raises:
     UserError: no image under `source`, or none of them could be decoded.
   """
   paths, bad = walk.split_images(source)
   if not paths:
     raise UserError(f"no images found under {source}")
+  if extractor.precision == "int8" and extractor.quantized is None:
+    extractor.calibrate(paths, calibration_images)
   logging.info("extracting %d images with %s", len(paths), extractor.descriptor.name)
   result = extractor.extract_paths(paths)
   bad += [(paths[pos], reason) for pos, reason in sorted(result.errors.items())]
@@ -236,6 +251,7 @@ def extract_to_folder(extractor: Extractor, source: str, output: str) -> FolderF
     "dim": int(result.features.shape[1]),
     "descriptor": extractor.descriptor.name,
     "sha256": {name: hashlib.sha256(b).hexdigest() for name, b in data.items()},
+    **({"int8": extractor.quantized.record} if extractor.quantized is not None else {}),
   }
   os.makedirs(output, exist_ok=True)
   with contextlib.suppress(FileNotFoundError):  # the old outputs stop being valid first

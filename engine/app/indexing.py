@@ -21,6 +21,7 @@ from engine.app import walk
 from engine.common import textio
 from engine.common.errors import UserError
 from engine.common.fileio import atomic_write, sha256_file
+from engine.features import quantize
 from engine.features.extractor import Extractor, check_compatible
 
 
@@ -39,6 +40,7 @@ class IndexReport:
       run before it looked for work (they then count as unchanged).
     merge_seconds: multi-process runs: the time process 0 spent adding the processes' staging
       indexes to the index.
+    int8: what the run did about an int8 model (None: nothing; a new index: its calibration).
   """
 
   indexed: int = 0
@@ -49,6 +51,7 @@ class IndexReport:
   statistics: str | None = None
   recovered: int = 0
   merge_seconds: float = 0.0
+  int8: str | None = None
 
   @property
   def images_per_second(self) -> float:
@@ -196,12 +199,41 @@ def open_or_create(
       store.parse_policy(statistics)
     except (TypeError, ValueError) as e:
       raise UserError(f"--statistics: {e}") from None
+  if extractor.precision == "int8" and extractor.quantized is None:
+    raise UserError(f"a new int8 index at {path} needs a calibrated extractor (ensure_int8_model)")
+  placed = []
+  if extractor.quantized is not None:
+    # Before the manifest: an index never names an int8 model it does not hold.
+    placed = quantize.save(extractor.quantized, path)
   return store.Index.create(
     path,
     dim=extractor.dim,
     dtype=dtype or "int8",
     metadata=extractor.index_metadata(),
     statistics=statistics or "none",
+    placed=placed,
+  )
+
+
+def ensure_int8_model(
+  extractor: Extractor, index_path: str, paths: list[str], sample: int = quantize.DEFAULT_SAMPLE
+) -> str | None:
+  """Gives an int8 extractor without a model the one it must run: the index's own, or for a new
+  index one calibrated on `sample` of `paths` (the images this run will index). Returns a line
+  for the user about a new calibration, else None."""
+  if extractor.precision != "int8" or extractor.quantized is not None:
+    return None
+  if store.exists(index_path):
+    with store.Index.open(index_path, readonly=True) as idx:
+      meta = idx.metadata
+    if meta.get("extractor", {}).get("precision") == "int8" and "int8" in meta:
+      extractor.use_quantized(quantize.load(index_path, meta["int8"]))
+    return None  # another precision: open_or_create refuses it, naming both
+  model = extractor.calibrate(paths, sample)
+  used = model.record["calibration"]["sample_used"]
+  return (
+    f"int8: model {model.sha256[:16]} calibrated on {used} images (of {sample} asked), kept in "
+    "the index"
   )
 
 
@@ -218,6 +250,7 @@ def index_folder(
   on_commit: Callable[[int], None] | None = None,
   statistics: str | None = None,
   relearn_statistics: bool = False,
+  calibration_images: int = quantize.DEFAULT_SAMPLE,
 ) -> IndexReport:
   """Brings the index at `index_path` up to date with the images under `root`.
 
@@ -236,6 +269,8 @@ def index_folder(
       index (None: keep the index's; "none" for a new one); see `refresh_statistics`, run at the
       end of every run.
     relearn_statistics: re-learn them even if the collection did not grow or shrink enough.
+    calibration_images: a new index of an int8 extractor without a model: how many of the
+      images found (evenly spaced over their sorted paths) calibrate its quantisation.
 
   Returns:
     An IndexReport. Interruptions (KeyboardInterrupt) commit what is pending first.
@@ -244,6 +279,9 @@ def index_folder(
   report = IndexReport()
   root_abs = os.path.abspath(root)
   found = list(walk.find_images(root_abs))
+  report.int8 = ensure_int8_model(
+    extractor, index_path, [f.path for f in found if not f.error], calibration_images
+  )
   idx = open_or_create(index_path, extractor, dtype, statistics)
   try:
     todo, known, restat = plan(idx, found, report)

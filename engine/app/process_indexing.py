@@ -136,6 +136,12 @@ def index_folder(
     recovered: those of an interrupted run's staging indexes; failed: every process's failures).
     On the others, what that process did of its share.
   """
+  if extractor.precision == "int8" and extractor.quantized is None:
+    # Every process must run the one model process 0 would calibrate.
+    raise UserError(
+      "a new int8 index is calibrated by a one-process run: index (part of) the folder once "
+      "without the distributed flags, then run them; they use the index's int8 model"
+    )
   t0 = time.monotonic()
   p, n = cluster.process_id, cluster.num_processes
   report = indexing.IndexReport()

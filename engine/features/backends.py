@@ -34,7 +34,8 @@ from engine.common import fileio
 from engine.features import onnx_export
 
 BACKENDS = ("xla", "openvino", "auto")
-PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+# int8 models carry their own int8 operations (quantize.py); what is left of them runs in f32.
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 EXPORT_VERSION = 1
 EXPORTED_DIR = "exported"
 OPENVINO_CACHE_DIR = "openvino"
@@ -192,25 +193,31 @@ class OpenVINORunner:
     onnx_path: an `engine.export` ONNX file (input `pixels`, output `descriptors`).
     shape: the fixed input shape `(B, H, W, 3)`.
     precision: `fp32` or `bf16` (OpenVINO's INFERENCE_PRECISION_HINT; bf16 runs the convolutions
-      and matrix products on AMX with float32 accumulation where the CPU has it).
+      and matrix products on AMX with float32 accumulation where the CPU has it), or `int8` for
+      a quantised model (`quantized`).
     compiled_cache: OpenVINO's `CACHE_DIR` for compiled models, or None for no cache.
+    quantized: an int8 `engine.features.quantize.QuantizedModel` to run instead of `onnx_path`.
   """
 
   def __init__(
     self,
-    onnx_path: str,
+    onnx_path: str | None,
     shape: tuple[int, ...],
     precision: str = "fp32",
     compiled_cache: str | None = None,
+    *,
+    quantized=None,
   ):
     ov = import_openvino()
 
     if precision not in PRECISION_HINTS:
       raise ValueError(f"precision must be one of {sorted(PRECISION_HINTS)}, got {precision!r}")
+    if (precision == "int8") != (quantized is not None):
+      raise ValueError("precision int8 runs a quantised model, and a quantised model runs int8")
     self.shape = tuple(int(d) for d in shape)
     self.precision = precision
     core = ov.Core()
-    model = core.read_model(onnx_path)
+    model = quantized.read(core) if quantized is not None else core.read_model(onnx_path)
     model.reshape({0: list(self.shape)})
     config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
     if compiled_cache:
@@ -241,12 +248,18 @@ def make_runner(
   Args:
     extractor: an `engine.Extractor` (weights, descriptor, pixel convention).
     shape: `(B, H, W, 3)` of the uint8 batches it will get.
-    precision: `fp32` or `bf16`; default the extractor's.
+    precision: `fp32`, `bf16` or `int8` (the extractor's quantised model); default the
+      extractor's.
     cache_dir: where exported graphs live; default `cache_dir_for(extractor)`.
   """
+  precision = precision or extractor.precision
+  if precision == "int8":
+    if extractor.quantized is None:
+      raise ValueError("an int8 extractor needs its quantised model before it runs")
+    return OpenVINORunner(None, shape, "int8", compiled_cache_dir(), quantized=extractor.quantized)
   _, height, width, _ = shape
   path = exported_onnx(extractor, height, width, cache_dir)
-  return OpenVINORunner(path, shape, precision or extractor.precision, compiled_cache_dir())
+  return OpenVINORunner(path, shape, precision, compiled_cache_dir())
 
 
 class OpenVINOExtraction:

@@ -20,16 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from engine.common.errors import UserError
-from engine.features import backends, checkpoint, images
+from engine.features import backends, checkpoint, images, quantize
 from engine.features import model as model_lib
 from engine.features.descriptors import Descriptor, Whitening
 from engine.features.forward import forward
 from engine.features.preprocess import Preprocessing
 
-PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# Compute dtype of the network for each precision; int8 runs only on OpenVINO (a quantised model,
+# engine.features.quantize), with float32 parameters for its export.
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "int8": jnp.float32}
 DEFAULT_MAX_SIDE = 320
 
 
@@ -60,7 +61,9 @@ class Extractor:
       for fc1/fc2/pool5, DEFAULT_MAX_SIDE for pooled conv descriptors. The pixel convention always
       comes from the weights.
     batch_size: images per device call; a last, partial batch is padded to the next power of two.
-    precision: `fp32` or `bf16` (bf16 compute with float32 accumulation).
+    precision: `fp32`, `bf16` (bf16 compute with float32 accumulation) or `int8` (OpenVINO only:
+      the model quantised by `engine.features.quantize` on a sample of the user's images; give it
+      as `quantized`, or call `calibrate` before extracting).
     config: model preset used with random weights (a name in `model.PRESETS`).
     whitening: optional PCA whitening applied after the descriptor.
     workers: decoding threads.
@@ -71,6 +74,7 @@ class Extractor:
     backend: `xla` (jit, any device), `openvino` (the same model exported to ONNX and compiled by
       OpenVINO's CPU plugin: the fast path on x86 CPUs) or `auto` (OpenVINO where installed on an
       x86 CPU host, XLA otherwise).
+    quantized: the int8 model (precision int8 only), e.g. `quantize.load` of an index's.
   """
 
   def __init__(
@@ -87,6 +91,7 @@ class Extractor:
     workers: int | None = None,
     backend: str = "xla",
     scales: Sequence[float] = (1.0,),
+    quantized: quantize.QuantizedModel | None = None,
   ):
     if isinstance(descriptor, str):
       descriptor = Descriptor(descriptor)
@@ -132,7 +137,22 @@ class Extractor:
     self.scales = scales
     self.workers = workers or min(8, os.cpu_count() or 2)
     self.backend = backends.resolve(backend)
+    if precision == "int8":
+      if self.backend != "openvino":
+        why = quantize.unavailable_reason() or f"backend {backend} runs {self.backend} here"
+        raise quantize.QuantizationError(
+          f"precision int8 runs on the OpenVINO backend only ({why}); use --backend=openvino "
+          "(or auto) on an x86 CPU with OpenVINO, or precision fp32"
+        )
+      why = quantize.unavailable_reason(descriptor.name)
+      if why is not None:
+        raise quantize.QuantizationError(f"precision int8 with descriptor {descriptor.name}: {why}")
+    elif quantized is not None:
+      raise ValueError(f"a quantised model needs precision int8, not {precision}")
+    self.quantized: quantize.QuantizedModel | None = None
     self._openvino = backends.OpenVINOExtraction(self) if self.backend == "openvino" else None
+    if quantized is not None:
+      self.use_quantized(quantized)
     # The parameters are loaded when first needed: OpenVINO runs a cached export without them.
     self._network: tuple[nnx.GraphDef, nnx.State] | None = None
     self._network_lock = threading.Lock()
@@ -149,6 +169,34 @@ class Extractor:
           raise checkpoint.WeightsError(f"{self.weights_spec}: the weights changed while in use")
         self._network = nnx.split(model)
       return self._network
+
+  def use_quantized(self, model: quantize.QuantizedModel) -> None:
+    """Runs `model` (an int8 extractor's, quantised from this extractor's own export)."""
+    if self.precision != "int8":
+      raise ValueError(f"a quantised model needs precision int8, not {self.precision}")
+    if self.quantized is not None and self.quantized.sha256 != model.sha256:
+      raise ValueError("this extractor already runs another int8 model")
+    export = model.record.get("export_key")
+    if export is not None and export != self._export_key():
+      raise quantize.QuantizationError(
+        f"the int8 model {model.sha256[:16]} was quantised from another network or descriptor "
+        f"({export}) than this extractor's ({self._export_key()})"
+      )
+    self.quantized = model
+
+  def _export_key(self) -> dict:
+    size = self.preprocessing.size
+    return backends.export_key(self, size, size)
+
+  def calibrate(
+    self, paths: Sequence[str | os.PathLike], sample: int = quantize.DEFAULT_SAMPLE
+  ) -> quantize.QuantizedModel:
+    """Quantises this int8 extractor's model on a sample of `paths` and runs it from now on."""
+    if self.precision != "int8":
+      raise ValueError(f"calibration is for precision int8, not {self.precision}")
+    model = quantize.calibrate(self, [os.fspath(p) for p in paths], sample)
+    self.use_quantized(model)
+    return model
 
   @property
   def dim(self) -> int:
@@ -167,15 +215,37 @@ class Extractor:
       # Whitened descriptors only meet queries whitened the same way (absent: none, as before).
       **({"whitening": self.whitening.fingerprint()} if self.whitening is not None else {}),
       **({"scales": list(self.scales)} if self.scales != (1.0,) else {}),
+      # int8 descriptors come from one quantised model: another one (other calibration images)
+      # gives other numbers.
+      **({"int8_model": self._int8_sha()} if self.precision == "int8" else {}),
     }
 
+  def _int8_sha(self) -> str | None:
+    return self.quantized.sha256 if self.quantized is not None else None
+
   def index_metadata(self) -> dict:
-    """What an index records: the fingerprint (compared) and where the weights were (a hint)."""
-    return {"extractor": self.fingerprint(), "weights_spec": self.weights_spec}
+    """What an index records: the fingerprint (compared) and where the weights were (a hint);
+    for int8, the quantised model's record (files, sha256, calibration images, versions)."""
+    meta = {"extractor": self.fingerprint(), "weights_spec": self.weights_spec}
+    if self.quantized is not None:
+      meta["int8"] = self.quantized.record
+    return meta
 
   @classmethod
-  def from_index_metadata(cls, meta: dict, weights: str | None = None, **kwargs) -> Extractor:
-    """Rebuilds the extractor an index was built with; `weights` overrides the recorded spec."""
+  def from_index_metadata(
+    cls, meta: dict, weights: str | None = None, *, folder: str | None = None, **kwargs
+  ) -> Extractor:
+    """Rebuilds the extractor an index was built with; `weights` overrides the recorded spec.
+
+    Args:
+      meta: the index's metadata (`index_metadata()` of the extractor that built it).
+      weights: weights to use instead of the recorded spec.
+      folder: the index folder, where an int8 index keeps its quantised model.
+      **kwargs: other `Extractor` arguments (batch_size, workers, backend).
+
+    Raises:
+      QuantizationError: an int8 index whose model is missing or damaged (or no `folder`).
+    """
     try:
       fp = meta["extractor"]
       desc = Descriptor(**fp["descriptor"])
@@ -191,6 +261,10 @@ class Extractor:
         scales=tuple(fp.get("scales", (1.0,))),
         **kwargs,
       )
+      if ex.precision == "int8":
+        if folder is None:
+          raise quantize.QuantizationError("an int8 index's extractor needs the index folder")
+        ex.use_quantized(quantize.load(folder, meta["int8"]))
     except (KeyError, TypeError) as e:
       raise ValueError(f"index metadata does not describe an extractor ({e!r})") from e
     check_compatible(meta, ex)
@@ -233,7 +307,7 @@ class Extractor:
     """The normalised mean of the L2-normalised descriptors of every scale, [B, D] float32."""
     total = None
     for scale in self.scales:
-      px = batch_bhw3 if scale == 1.0 else rescale(batch_bhw3, scale)
+      px = batch_bhw3 if scale == 1.0 else images.rescale(batch_bhw3, scale)
       d = np.asarray(jax.device_get(self._run_one(px)), np.float64)
       d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
       total = d if total is None else total + d
@@ -241,6 +315,11 @@ class Extractor:
     return total.astype(np.float32)
 
   def _run_one(self, batch_bhw3: np.ndarray) -> jax.Array | np.ndarray:
+    if self.precision == "int8" and self.quantized is None:
+      raise quantize.QuantizationError(
+        "this int8 extractor has no quantised model yet: calibrate it on the user's images "
+        "(Extractor.calibrate) or build it from an int8 index"
+      )
     if self._openvino is not None:
       return self._openvino(batch_bhw3)
     graphdef, state = self._load_network()
@@ -355,17 +434,6 @@ class IncompatibleExtractorError(UserError, ValueError):
 # Recorded in the index but not compared: the OpenVINO fp32 path agrees with XLA's to ~1e-6
 # (tests/test_openvino.py); a change of precision is still refused.
 _RECORDED_ONLY = frozenset({"backend"})
-
-
-def rescale(batch_bhw3: np.ndarray, scale: float) -> np.ndarray:
-  """[B, H, W, 3] uint8 -> [B, round(H * scale), round(W * scale), 3] uint8, bilinear (Pillow),
-  at least 32 pixels a side (the network's stride)."""
-  b, h, w, _ = batch_bhw3.shape
-  size = (max(32, round(w * scale)), max(32, round(h * scale)))
-  out = np.empty((b, size[1], size[0], 3), np.uint8)
-  for i in range(b):
-    out[i] = np.asarray(Image.fromarray(batch_bhw3[i]).resize(size, Image.BILINEAR))
-  return out
 
 
 def check_compatible(meta: dict, extractor: Extractor) -> None:

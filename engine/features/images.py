@@ -301,3 +301,14 @@ def load_many(
         pending.append((nxt[0], pool.submit(job, nxt[1])))
       arr, err = fut.result()
       yield pos, arr, err
+
+
+def rescale(batch_bhw3: np.ndarray, scale: float) -> np.ndarray:
+  """[B, H, W, 3] uint8 -> [B, round(H * scale), round(W * scale), 3] uint8, bilinear (Pillow),
+  at least 32 pixels a side (the network's stride)."""
+  b, h, w, _ = batch_bhw3.shape
+  size = (max(32, round(w * scale)), max(32, round(h * scale)))
+  out = np.empty((b, size[1], size[0], 3), np.uint8)
+  for i in range(b):
+    out[i] = np.asarray(Image.fromarray(batch_bhw3[i]).resize(size, Image.BILINEAR))
+  return out

@@ -7,6 +7,8 @@ Layout of an index folder (format version 1)::
   LOCK                     flock()ed by the single writer; readers never take it
   seg-000001.npy ...       memory-mapped segment files (engine/store/segments.py)
   stats-000007.npy         collection statistics, if learned (engine/store/statistics.py)
+  int8-model-*.xml/.bin    an int8 index's quantised model (engine/features/quantize.py), placed
+                           by the caller before `create`; the store never touches it
 
 Commit protocol (`add`, `delete`, `compact`): new segment files are written under temporary names,
 fsynced and renamed; then one catalog transaction inserts their rows and stamps tombstones with the
@@ -102,10 +104,11 @@ def _load_segments(
   return out
 
 
-def _check_free(folder: str) -> None:
-  """Refuses to create an index in a folder holding anything but this engine's own files."""
+def _check_free(folder: str, placed: Iterable[str] = ()) -> None:
+  """Refuses to create an index in a folder holding anything but this engine's own files (and
+  the `placed` ones its caller wrote there first)."""
   names = os.listdir(folder)
-  own = {LOCK, *catalog_lib.FILES}
+  own = {LOCK, *catalog_lib.FILES, *placed}
   foreign = sorted(f for f in names if f not in own and not manifest_lib.TEMP_RE.match(f))
   if foreign:
     raise IndexExistsError(
@@ -175,6 +178,7 @@ class Index(Commits):
     keep_float32: bool = False,
     normalize: bool = True,
     statistics: str = "none",
+    placed: Sequence[str] = (),
   ) -> Index:
     """Creates an empty index in `path` (a new or empty folder) and opens it for writing.
 
@@ -188,6 +192,9 @@ class Index(Commits):
       normalize: L2-normalise vectors on `add` (needed for metric="cosine").
       statistics: the collection statistics policy recorded for `engine.app.indexing` to learn
         and re-learn: "none", "center" or "whiten[:DIM]" (see `learn_statistics`).
+      placed: names of files the caller wrote into the folder before creating the index, which
+        its metadata names (the int8 model an index's descriptors come from): the folder may
+        hold them. The store never reads, moves or removes them.
     """
     path = os.fspath(path)
     if dtype not in DTYPES:
@@ -199,7 +206,7 @@ class Index(Commits):
     os.makedirs(path, exist_ok=True)
     if exists(path):
       raise IndexExistsError(f"an index already exists at {manifest_lib.path_of(path)}")
-    _check_free(path)
+    _check_free(path, placed)
     meta = json.loads(json.dumps(dict(metadata or {})))  # refuse non-JSON-able metadata early
     self = cls(path, readonly=False, _token=_PRIVATE)
     try:
