@@ -46,6 +46,8 @@ class StubExtractor:
   """
 
   dim = DIM
+  precision = "fp32"  # no int8 model to calibrate or load
+  quantized = None
 
   def __init__(self, delay_s: float = 0.0):
     self.delay_s = delay_s

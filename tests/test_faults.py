@@ -475,7 +475,11 @@ def test_readers_see_only_complete_commits_while_a_writer_commits(tmp_path, phot
     warm.search(queries, k=5)
   idx, progress = str(tmp_path / "idx"), str(tmp_path / "progress")
   pid = fork_index(folder, idx, delay_s=0.01, progress_file=progress)
-  while not store.exists(idx):
+  deadline = time.monotonic() + 120
+  while not store.exists(idx):  # a writer that fails first must fail the test, not hang it
+    exited, status = os.waitpid(pid, os.WNOHANG)
+    assert exited == 0, f"the writer exited before creating the index (wait status {status})"
+    assert time.monotonic() < deadline, "the writer did not create the index within 120 s"
     time.sleep(0.005)
   errors, searches = [], [0]
   unit = {k: _unit(v) for k, v in expected.items()}
