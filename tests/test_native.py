@@ -487,21 +487,29 @@ def test_dispatch_is_a_function_of_the_cpu_flags(built, cpu):
     assert lib.vgg_amx_status() == -1  # no AMX: nothing asked of Linux, no reason to give
 
 
-@pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils)")
-def test_the_library_holds_vex_vpdpbusd_only_in_the_avx_vnni_loops(built):
-  # The AVX-VNNI loops are compiled in (VEX-encoded vpdpbusd on ymm) and no other function has
-  # the instruction in that form: an AVX2-only CPU never meets it.
+def _disassembly():
+  """(function name, instruction line) of every instruction of the library, from objdump."""
   text = subprocess.run(
     ["objdump", "-d", "-C", "--no-show-raw-insn", str(native.library_path())],
     capture_output=True,
     text=True,
     check=True,
   ).stdout
-  where, fn = {}, None
+  fn = None
   for line in text.splitlines():
     if line.endswith(">:"):
       fn = line[line.index("<") + 1 : -2]
-    elif "{vex} vpdpbusd" in line and "%ymm" in line:
+    elif fn is not None:
+      yield fn, line
+
+
+@pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils)")
+def test_the_library_holds_vex_vpdpbusd_only_in_the_avx_vnni_loops(built):
+  # The AVX-VNNI loops are compiled in (VEX-encoded vpdpbusd on ymm) and no other function has
+  # the instruction in that form: an AVX2-only CPU never meets it.
+  where = {}
+  for fn, line in _disassembly():
+    if "{vex} vpdpbusd" in line and "%ymm" in line:
       where[fn] = where.get(fn, 0) + 1
   assert where, "no VEX vpdpbusd in the library"
   assert all("Vnni" in name for name in where), sorted(where)
@@ -531,20 +539,11 @@ def test_a_cpu_whose_amx_is_refused_runs_the_next_path_and_says_why(built, caplo
 
 @pytest.mark.skipif(not shutil.which("objdump"), reason="needs objdump (binutils)")
 def test_the_library_holds_amx_instructions_only_in_the_amx_loop(built):
-  text = subprocess.run(
-    ["objdump", "-d", "-C", "--no-show-raw-insn", str(native.library_path())],
-    capture_output=True,
-    text=True,
-    check=True,
-  ).stdout
-  where, fn = {}, None
-  for line in text.splitlines():
-    if line.endswith(">:"):
-      fn = line[line.index("<") + 1 : -2]
-    else:
-      for op in ("tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease", "tilezero"):
-        if f"\t{op} " in line or line.endswith(f"\t{op}"):
-          where.setdefault(op, set()).add(fn)
+  where = {}
+  for fn, line in _disassembly():
+    for op in ("tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease", "tilezero"):
+      if f"\t{op} " in line or line.endswith(f"\t{op}"):
+        where.setdefault(op, set()).add(fn)
   assert set(where) == {"tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease"} | (
     {"tilezero"} & set(where)
   ), sorted(where)

@@ -40,14 +40,8 @@ def wait_for(index, want, timeout=300):
   pytest.fail(f"the index holds {keys_of(index)}, not {want}")
 
 
-@pytest.mark.parametrize("poll", [False, True])
-def test_watch_indexes_new_changed_and_vanished_files(tmp_path, poll):
-  photos = tmp_path / "photos"
-  photos.mkdir()
-  for i in range(2):
-    scene(photos / f"a{i}.jpg", seed=i)
-  index = tmp_path / "idx"
-  proc = subprocess.Popen(
+def _start_watching(photos, index, poll):
+  return subprocess.Popen(
     [
       sys.executable,
       "-m",
@@ -64,6 +58,23 @@ def test_watch_indexes_new_changed_and_vanished_files(tmp_path, poll):
     text=True,
     env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
   )
+
+
+@pytest.mark.parametrize("poll", [False, True])
+def test_watch_indexes_new_changed_and_vanished_files(tmp_path, poll):
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for i in range(2):
+    scene(photos / f"a{i}.jpg", seed=i)
+  index = tmp_path / "idx"
+  # The test stops the binary with Ctrl-C's SIGINT. A suite started in the background by a
+  # non-interactive shell runs with SIGINT ignored, which a child inherits (Python then never
+  # raises KeyboardInterrupt): a handler here makes the child start with the default instead.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    proc = _start_watching(photos, index, poll)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   try:
     wait_for(index, {str(photos / "a0.jpg"), str(photos / "a1.jpg")})
     (photos / "sub").mkdir()
@@ -85,6 +96,11 @@ def test_watch_indexes_new_changed_and_vanished_files(tmp_path, poll):
     assert proc.poll() is None
   finally:
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    try:
+      out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      out, _ = proc.communicate()
+      pytest.fail(f"Ctrl-C did not stop the watching binary within 120 s:\n{out}")
   assert proc.returncode == 130, out
   assert "watching" in out and "Traceback" not in out, out

@@ -51,26 +51,20 @@ static inline simde__m512i vgg_emulated_maskz_loadu_epi8(uint64_t k, const void*
 
 // SIMDe's portable fmadd rounds the product before the add; the instruction rounds once, and the
 // kernels' scores (the rank-one epilogue) are specified as that one rounding.
-static inline simde__m256 vgg_emulated_fmadd256(simde__m256 a, simde__m256 b, simde__m256 c) {
-  float x[8], y[8], z[8];
+template <class V>
+static inline V vgg_emulated_fmadd(V a, V b, V c) {
+  constexpr int kLanes = sizeof(V) / sizeof(float);
+  float x[kLanes], y[kLanes], z[kLanes];
   std::memcpy(x, &a, sizeof(x)), std::memcpy(y, &b, sizeof(y)), std::memcpy(z, &c, sizeof(z));
-  for (int i = 0; i < 8; ++i) x[i] = std::fma(x[i], y[i], z[i]);
-  std::memcpy(&a, x, sizeof(x));
-  return a;
-}
-
-static inline simde__m512 vgg_emulated_fmadd512(simde__m512 a, simde__m512 b, simde__m512 c) {
-  float x[16], y[16], z[16];
-  std::memcpy(x, &a, sizeof(x)), std::memcpy(y, &b, sizeof(y)), std::memcpy(z, &c, sizeof(z));
-  for (int i = 0; i < 16; ++i) x[i] = std::fma(x[i], y[i], z[i]);
+  for (int i = 0; i < kLanes; ++i) x[i] = std::fma(x[i], y[i], z[i]);
   std::memcpy(&a, x, sizeof(x));
   return a;
 }
 
 #undef _mm256_fmadd_ps
 #undef _mm512_fmadd_ps
-#define _mm256_fmadd_ps(a, b, c) vgg_emulated_fmadd256((a), (b), (c))
-#define _mm512_fmadd_ps(a, b, c) vgg_emulated_fmadd512((a), (b), (c))
+#define _mm256_fmadd_ps(a, b, c) vgg_emulated_fmadd<simde__m256>((a), (b), (c))
+#define _mm512_fmadd_ps(a, b, c) vgg_emulated_fmadd<simde__m512>((a), (b), (c))
 #define _mm512_reduce_add_epi32(a) vgg_emulated_reduce_add_epi32(a)
 #define _mm512_reduce_add_ps(a) vgg_emulated_reduce_add_ps(a)
 #define _mm512_maskz_loadu_epi8(k, p) vgg_emulated_maskz_loadu_epi8((k), (p))
