@@ -59,7 +59,11 @@ def query_vectors(index, truth: dict, mode: str, images: str | None, crop: bool,
 
   from engine.features.extractor import Extractor
 
-  extractor = Extractor.from_index_metadata(index.metadata, weights=weights)
+  # An int8 index's queries run its own quantised model, kept in the index folder (OpenVINO).
+  int8 = index.metadata.get("extractor", {}).get("precision") == "int8"
+  extractor = Extractor.from_index_metadata(
+    index.metadata, weights=weights, folder=index.path, **({"backend": "openvino"} if int8 else {})
+  )
   files = _find_images(images)
   pixels = []
   for q, name in zip(qids, names, strict=True):
