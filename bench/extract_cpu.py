@@ -28,6 +28,7 @@ import time
 from absl import app, flags
 
 from bench.peers import native_openvino_fc2, torch_vgg16_to_fc2
+from bench.timing import interleaved_times
 from engine.common.fileio import atomic_write_json
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8"], "Batch sizes to measure.")
@@ -115,12 +116,7 @@ def measure(batch, tmpdir, runs, warmup, skip):
     for _ in range(warmup - 1):
       fn()
     fns[key] = fn
-  times = {key: [] for key in fns}
-  for _ in range(runs):
-    for key, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      times[key].append(time.perf_counter() - t)
+  times = interleaved_times(fns, runs)
   for key, row in rows.items():
     row["batch_s"] = statistics.median(times[key])
     row["batch_s_all"] = times[key]

@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from bench.machine import cpu_model
+from bench.timing import interleaved_times
 from engine import store
 from engine.app import extraction, indexing
 from engine.common.fileio import atomic_write_json
@@ -102,13 +103,7 @@ def _interleaved_median_s(fns: dict, repeats: int) -> dict:
   """Medians of `repeats` rounds that run every fn once each, after one warm-up of each."""
   for fn in fns.values():
     fn()
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
-  return {name: float(np.median(v)) for name, v in times.items()}
+  return {name: float(np.median(v)) for name, v in interleaved_times(fns, repeats).items()}
 
 
 def speed(n: int, repeats: int, d: int = 512) -> dict:
